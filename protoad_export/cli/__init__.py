@@ -1,0 +1,66 @@
+"""``protoad-export``: a thin click layer over the Python API (one module per command group).
+
+Every user-caused problem (``ProtoADError``), a full disk and Ctrl-C end in one line on stderr
+and a non-zero exit code; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import ProtoADError
+
+
+def handle_errors(func):
+    """Turn expected failures into ``error: ...`` and an exit code instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ProtoADError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                click.echo(f"error: disk full while writing ({exc.filename or exc}); nothing was replaced", err=True)
+                sys.exit(6)
+            if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                click.echo(f"error: cannot write {exc.filename}: {exc.strerror}", err=True)
+                sys.exit(6)
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was replaced", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class BatchProfile(click.ParamType):
+    name = "MIN:OPT:MAX"
+
+    def convert(self, value, param, ctx):
+        from ..builder import parse_batch_profile
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_batch_profile(value)
+        except ProtoADError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="protoad-export")
+def main() -> None:
+    """ProtoAD anomaly detection: normal images -> prototypes -> ONNX -> TensorRT engines."""
+
+
+
+# Each module registers its commands on ``main``; import order is the order in --help.
+from . import build  # noqa: E402,F401

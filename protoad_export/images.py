@@ -1,0 +1,235 @@
+"""Images in: discovery of image folders and MVTec-style categories, decoding to RGB, geometry.
+
+Every picture a camera or a shared drive may give (grayscale, 16-bit, palette, CMYK, RGBA, 1-bit)
+becomes 8-bit RGB; the same geometric transform is applied to images and their masks so that
+metrics compare like with like.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# PIL's default bomb limit (~179 Mpx) is for web images; a line camera frame stays well below 120 Mpx.
+MAX_IMAGE_PIXELS = 120_000_000
+RESIZE_MODES = ("crop", "squash", "letterbox")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Geometry and normalisation shared by fitting, the exported graph and every runtime.
+
+    ``mode``: ``crop`` resizes the shorter side to ``resize`` and centre-crops ``crop`` (authors'
+    code); ``squash`` resizes to ``crop`` x ``crop`` ignoring the aspect ratio; ``letterbox`` fits the
+    longer side to ``crop`` and pads the rest with black.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mode: str = "crop"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise InputError(f"unknown resize mode {self.mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if not (isinstance(self.crop, int) and 32 <= self.crop <= 4096):
+            raise InputError(f"crop size must be an integer in 32..4096, got {self.crop!r}")
+        if self.crop % 16:
+            raise InputError(f"crop size must be a multiple of 16 (the stage-3 stride), got {self.crop}")
+        if self.mode == "crop" and not (isinstance(self.resize, int) and self.resize >= self.crop):
+            raise InputError(f"resize ({self.resize}) must be an integer >= crop ({self.crop})")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(
+            resize=int(d["resize"]), crop=int(d["crop"]), mode=str(d["mode"]),
+            mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+        )
+
+    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
+        """(resized size, crop box in the resized image, paste offset in the output) for an input size."""
+        out = self.crop
+        if self.mode == "squash":
+            return (out, out), (0, 0, out, out), (0, 0)
+        if self.mode == "letterbox":
+            scale = out / max(width, height)
+            w, h = max(1, round(width * scale)), max(1, round(height * scale))
+            return (w, h), (0, 0, w, h), ((out - w) // 2, (out - h) // 2)
+        scale = self.resize / min(width, height)
+        w, h = max(out, round(width * scale)), max(out, round(height * scale))
+        left, top = (w - out) // 2, (h - out) // 2
+        return (w, h), (left, top, left + out, top + out), (0, 0)
+
+    def apply(self, image: Image.Image, resample: int = Image.BILINEAR) -> Image.Image:
+        """Apply the geometry to a PIL image (RGB or mask); masks pass ``Image.NEAREST``."""
+        size, box, offset = self.geometry(*image.size)
+        # PIL's BILINEAR resize antialiases when shrinking, as torchvision's Resize(antialias=True).
+        resized = image.resize(size, resample)
+        if self.mode == "crop" or self.mode == "squash":
+            return resized.crop(box)
+        canvas = Image.new(image.mode, (self.crop, self.crop), 0)
+        canvas.paste(resized, offset)
+        return canvas
+
+    def image_array(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 [3, crop, crop] in [0, 1] (mean/std are applied inside the network)."""
+        arr = np.asarray(self.apply(image), dtype=np.float32) / 255.0
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def mask_array(self, mask: Image.Image) -> np.ndarray:
+        """Mask PIL image -> bool [crop, crop] with the image's geometry (nearest neighbour, > 127)."""
+        return np.asarray(self.apply(to_gray8(mask), Image.NEAREST)) > 127
+
+
+def to_gray8(image: Image.Image) -> Image.Image:
+    """Any mask mode -> 8-bit L (16-bit scaled, 1-bit expanded to 0/255)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image.convert("L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode any PIL mode to 8-bit RGB: 16-bit is scaled (not clipped), alpha is dropped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return to_gray8(image).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB; raise InputError naming the file if it cannot be read."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: image larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb limit)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not a readable image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def load_mask(path: str | Path) -> Image.Image:
+    """Open a ground-truth mask (kept in its own mode; binarised by Preprocessing.mask_array)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_gray8(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable mask ({exc})") from None
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name (hidden files ignored)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise InputError(f"not a folder: {folder}")
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+    if not files:
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return files
+
+
+def collect_images(items: Iterable[str | Path]) -> list[Path]:
+    """Expand files, folders and glob patterns into a sorted, de-duplicated list of image files."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(list_images(p))
+        elif p.is_file():
+            out.append(p)
+        else:
+            matches = sorted(Path().glob(str(item))) if not p.is_absolute() else sorted(Path("/").glob(str(p)[1:]))
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                raise InputError(f"no images match {item}")
+            out.extend(files)
+    return sorted(dict.fromkeys(out))
+
+
+def is_mvtec_category(root: str | Path) -> bool:
+    return (Path(root) / "train" / "good").is_dir()
+
+
+def training_images(data: str | Path) -> list[Path]:
+    """Normal training images: ``DATA/train/good`` of an MVTec-style category, else ``DATA`` itself."""
+    data = Path(data)
+    if not data.exists():
+        raise InputError(f"data folder not found: {data}")
+    return list_images(data / "train" / "good" if is_mvtec_category(data) else data)
+
+
+@dataclass
+class LabelledImage:
+    """One test image of an MVTec-style category."""
+
+    path: Path
+    defect: str  # "good" or the defect type
+    mask_path: Path | None
+
+    @property
+    def label(self) -> int:
+        return int(self.defect != "good")
+
+
+def category_test_set(root: str | Path, require_masks: bool = True) -> list[LabelledImage]:
+    """The test set of an MVTec-style category: ``test/<type>/*`` with ``ground_truth/<type>/<stem>_mask.*``."""
+    root = Path(root)
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        raise InputError(f"{root} has no test/ folder: not an MVTec-style category")
+    samples: list[LabelledImage] = []
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        defect = defect_dir.name
+        for path in list_images(defect_dir):
+            mask = None
+            if defect != "good":
+                candidates = sorted((root / "ground_truth" / defect).glob(f"{path.stem}_mask.*"))
+                if candidates:
+                    mask = candidates[0]
+                elif require_masks:
+                    raise InputError(
+                        f"no ground-truth mask for {path} (expected {root / 'ground_truth' / defect / (path.stem + '_mask.png')})"
+                    )
+            samples.append(LabelledImage(path, defect, mask))
+    if not samples:
+        raise InputError(f"no test images under {test_dir}")
+    return samples
+
+
+def load_batch(paths: Sequence[Path], prep: Preprocessing) -> np.ndarray:
+    """Decode and preprocess a batch of images into float32 [B, 3, crop, crop] in [0, 1]."""
+    return np.stack([prep.image_array(load_image(p)) for p in paths])

@@ -1,0 +1,123 @@
+"""The complete ProtoAD inference network as one ``nn.Module``, traced whole into ONNX.
+
+[0,1] RGB -> mean/std -> backbone stages 1-3 -> align + concat -> L2 norm -> 1x1 conv with the
+prototypes -> channel max -> 1 - x -> bilinear upsample -> Gaussian blur -> (anomaly_map, score).
+
+Precision plan for ``precision="fp16"`` (written into the graph as explicit casts, because
+TensorRT 11 networks are strongly typed; measured in ``benchmarks/RESULTS.md``):
+
+- mean/std in FP32, then FP16 for the backbone and the alignment: the bulk of the FLOPs besides
+  the prototype conv, with activations far from FP16's range limits.
+- L2 norm in FP32: a sum of squares over the stage channels reaches 1e5 and more on real parts
+  (FP16 overflows at 65504), so the features are cast up, normalised and cast back down.
+- 1x1 conv in FP16 with a bias of -1: the conv yields cos - 1 instead of cos. Near 1, FP16 steps
+  are 4.9e-4 (2^-11), which would quantise every anomaly score of a normal patch; values near 0
+  keep FP16's relative precision. The bias is added in the accumulator of fused conv kernels
+  (TensorRT, cuDNN), before rounding to FP16.
+- channel max in FP16 (exact: it only selects), then FP32 for 1 - x, upsampling, blur and score:
+  one channel, cheap, and the blur sums 33 taps.
+
+The FP32 network uses the same formulation (conv with bias -1, max, negate), so both graphs have
+the same structure and differ only in their casts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import Normalize, PatchFeatures, l2_normalize
+from .images import Preprocessing
+
+PRECISIONS = ("fp32", "fp16")
+BLUR_SIGMA = 4.0
+BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+
+
+def gaussian_taps(sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> np.ndarray:
+    """scipy.ndimage's 1-D Gaussian kernel: radius int(truncate * sigma + 0.5), normalised to sum 1."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def symmetric_pad_index(length: int, radius: int) -> np.ndarray:
+    """Gather indices that pad an axis the way scipy's mode 'reflect' does: (d c b a | a b c d | d c b a)."""
+    idx = np.arange(-radius, length + radius)
+    period = 2 * length
+    idx = np.mod(idx, period)
+    return np.where(idx >= length, period - 1 - idx, idx).astype(np.int64)
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur equal to ``scipy.ndimage.gaussian_filter(x, sigma)`` on each [H, W] map.
+
+    Padding is a Gather with constant indices (symmetric, which torch and ONNX lack: their 'reflect'
+    is scipy's 'mirror'); the taps are two convolutions, 33x1 and 1x33, which TensorRT runs natively.
+    """
+
+    def __init__(self, height: int, width: int, sigma: float = BLUR_SIGMA) -> None:
+        super().__init__()
+        taps = torch.tensor(gaussian_taps(sigma), dtype=torch.float32)
+        self.radius = (len(taps) - 1) // 2
+        self.register_buffer("kernel_h", taps.view(1, 1, -1, 1).clone())
+        self.register_buffer("kernel_w", taps.view(1, 1, 1, -1).clone())
+        self.register_buffer("index_h", torch.from_numpy(symmetric_pad_index(height, self.radius)))
+        self.register_buffer("index_w", torch.from_numpy(symmetric_pad_index(width, self.radius)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.index_select(x, 2, self.index_h)
+        x = F.conv2d(x, self.kernel_h)
+        x = torch.index_select(x, 3, self.index_w)
+        return F.conv2d(x, self.kernel_w)
+
+
+class ProtoADNetwork(nn.Module):
+    """ProtoAD end to end: images [B, 3, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], score [B])."""
+
+    def __init__(
+        self,
+        patch_features: PatchFeatures,
+        prototypes: np.ndarray | torch.Tensor,
+        prep: Preprocessing,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
+        self.precision = precision
+        self.compute_dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.normalize = Normalize(prep.mean, prep.std)
+        self.patch_features = patch_features.to(self.compute_dtype)
+        protos = torch.as_tensor(np.asarray(prototypes, dtype=np.float32))
+        k, c = protos.shape
+        self.register_buffer("prototype_kernels", protos.view(k, c, 1, 1).to(self.compute_dtype))
+        self.register_buffer("prototype_bias", torch.full((k,), -1.0, dtype=self.compute_dtype))
+        self.size = prep.crop
+        self.blur = GaussianBlur(prep.crop, prep.crop)
+
+    @property
+    def n_prototypes(self) -> int:
+        return self.prototype_kernels.shape[0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.normalize(images.float()).to(self.compute_dtype)
+        feats = self.patch_features(x)
+        unit = l2_normalize(feats.float()).to(self.compute_dtype)
+        shifted = F.conv2d(unit, self.prototype_kernels, self.prototype_bias)  # cos - 1
+        nearest = torch.amax(shifted, dim=1, keepdim=True).float()
+        patch_scores = -nearest  # 1 - max cos
+        upsampled = F.interpolate(patch_scores, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        anomaly_map = self.blur(upsampled)
+        score = torch.amax(anomaly_map, dim=(1, 2, 3))
+        return anomaly_map, score
+
+
+def patch_grid(crop: int, stride: int = 4) -> int:
+    """Side of the stage-1 feature grid for a square crop."""
+    return math.ceil(crop / stride)

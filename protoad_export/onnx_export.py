@@ -1,0 +1,113 @@
+"""ONNX: trace the whole network (FP32 and strongly typed FP16) and check what TensorRT will accept."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from .artifacts import atomic_path
+from .network import ProtoADNetwork
+
+OPSET = 18
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score")
+MAX_EXPORT_BATCH = 1024
+
+# Ops the network may contain, all supported by the TensorRT 10/11 ONNX parser. No Col2Im, no
+# antialiased Resize, no ops with runtime-computed axes.
+TENSORRT_OPS = frozenset({
+    "Add", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Gather", "HardSigmoid", "HardSwish",
+    "MaxPool", "Mul", "Neg", "Reciprocal", "ReduceMax", "ReduceSum", "Relu", "Reshape", "Resize",
+    "Shape", "Sigmoid", "Slice", "Sqrt", "Sub", "Unsqueeze",
+})
+# Ops whose "axes" must be compile-time constants (initializers or Constant nodes) for TensorRT.
+_AXES_INPUT = {"ReduceMax": 1, "ReduceSum": 1, "Unsqueeze": 1, "Slice": 3}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints progress and warnings per stage; keep the CLI's output readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
+def export_onnx(network: ProtoADNetwork, path: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Trace ``network`` with a dynamic batch axis into ``path`` (atomically) and run the full checker."""
+    network = network.eval().cpu()
+    example = torch.rand(2, 3, network.size, network.size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    with atomic_path(path) as tmp, _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            network, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},), external_data=False,
+        )
+        model = program.model_proto
+        model.producer_name = "protoad-export"
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(tmp))
+    return Path(path)
+
+
+@dataclass
+class GraphReport:
+    """What a graph contains, for the TensorRT checks and for the manifest."""
+
+    ops: dict[str, int]
+    opset: int
+    cast_targets: list[str]
+    conv_dtypes: dict[str, int]
+    problems: list[str]
+
+
+_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
+
+
+def inspect_graph(model: onnx.ModelProto) -> GraphReport:
+    """Op counts, cast targets, conv input dtypes and anything TensorRT would reject."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    problems = []
+    ops = collections.Counter(n.op_type for n in graph.node)
+    for op in sorted(set(ops) - TENSORRT_OPS):
+        problems.append(f"op {op} is not on the TensorRT allow-list")
+    conv_dtypes: collections.Counter = collections.Counter()
+    casts = []
+    for node in graph.node:
+        if node.op_type in _AXES_INPUT and len(node.input) > _AXES_INPUT[node.op_type]:
+            axes = node.input[_AXES_INPUT[node.op_type]]
+            if axes and axes not in constants:
+                problems.append(f"{node.op_type} {node.name} takes runtime-computed axes ({axes})")
+        if node.op_type == "Resize":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("antialias", 0):
+                problems.append(f"Resize {node.name} is antialiased")
+        if node.op_type == "Cast":
+            to = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "to"))
+            casts.append(_DTYPE.get(to, str(to)))
+        if node.op_type == "Conv":
+            conv_dtypes[_DTYPE.get(types.get(node.input[0]), "unknown")] += 1
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return GraphReport(dict(sorted(ops.items())), opset, casts, dict(conv_dtypes), problems)

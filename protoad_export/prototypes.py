@@ -1,0 +1,47 @@
+"""Prototypes: FINCH cluster means of all normal patch features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .finch import FinchResult, finch
+
+DEFAULT_MAX_PROTOTYPES = 10_000
+
+
+@dataclass
+class PrototypeFit:
+    """The prototypes and how they were found."""
+
+    prototypes: np.ndarray  # float32 [K, C]
+    finch: FinchResult
+    normalized: bool
+
+
+def fit_prototypes(
+    features: np.ndarray,
+    max_prototypes: int = DEFAULT_MAX_PROTOTYPES,
+    normalize: bool = False,
+    method: str = "auto",
+    device: torch.device | str = "cpu",
+    log=None,
+) -> PrototypeFit:
+    """FINCH on ``features`` [N, C] until a partition has fewer than ``max_prototypes`` clusters.
+
+    ``normalize=False`` keeps the raw cluster means, as the authors' code does: a mean of unit
+    vectors is shorter than 1, so its dot product with a test feature is a cosine scaled by the
+    cluster's tightness. ``normalize=True`` re-normalises them (true cosine similarity).
+    """
+    if not isinstance(max_prototypes, (int, np.integer)) or max_prototypes < 2:
+        raise InputError(f"--max-prototypes must be an integer >= 2, got {max_prototypes!r}")
+    if len(features) < 2:
+        raise InputError("need at least two patch features to cluster")
+    result = finch(features, stop_below=int(max_prototypes), method=method, device=device, log=log)
+    protos = result.means.astype(np.float32)
+    if normalize:
+        protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+    return PrototypeFit(np.ascontiguousarray(protos), result, normalize)

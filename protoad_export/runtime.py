@@ -1,0 +1,158 @@
+"""One interface for every backend: ``load(engine_dir, backend)`` -> ``predict(images)``.
+
+All backends take float32 RGB in [0, 1] at the crop size (preprocessing comes from the manifest,
+see :func:`preprocess_paths`) and return ``(anomaly_maps [B, S, S], scores [B])`` as float32 numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .artifacts import read_manifest, verify_file
+from .errors import InputError, MissingDependencyError
+from .images import Preprocessing, load_image
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+class Runtime(Protocol):
+    """What every backend offers."""
+
+    backend: str
+    precision: str
+    manifest: dict
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [B, 3, S, S] in [0, 1] -> (maps float32 [B, S, S], scores float32 [B])."""
+        ...
+
+
+def preprocessing(manifest: dict) -> Preprocessing:
+    return Preprocessing.from_dict(manifest["preprocessing"])
+
+
+def _check_input(images: np.ndarray, crop: int) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (3, crop, crop):
+        raise InputError(f"expected images of shape [B, 3, {crop}, {crop}], got {list(images.shape)}")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str = "fp32"):
+    """Rebuild the ProtoAD module from the manifest (backbone weights checked by sha256) and prototypes."""
+    from .backbones import RANDOM_WEIGHTS, load_backbone
+    from .features import PatchFeatures
+    from .network import ProtoADNetwork, patch_grid
+
+    info = manifest["backbone"]
+    weights = info["weights"]
+    if weights != RANDOM_WEIGHTS and not Path(weights).is_file():
+        raise MissingDependencyError(f"the torch backend needs the backbone weights {weights}, which are not on this machine")
+    backbone = load_backbone(info["name"], weights)
+    if backbone.weights_sha256 != info["weights_sha256"]:
+        raise InputError(f"backbone weights {weights} differ from those the engine was built with (sha256)")
+    prep = preprocessing(manifest)
+    protos = np.load(verify_file(engine_dir, manifest, manifest["prototypes"]["file"]), allow_pickle=False)
+    grid = patch_grid(prep.crop, backbone.spec.strides[0])
+    return ProtoADNetwork(PatchFeatures(backbone.module, manifest["align"], grid), protos, prep, precision).eval()
+
+
+class TorchRuntime:
+    """The PyTorch module: FP32 reference (CPU or CUDA), FP16 on CUDA."""
+
+    backend = "torch"
+
+    def __init__(self, engine_dir: str | Path, manifest: dict, precision: str = "fp32", device: str = "cpu") -> None:
+        import torch
+
+        if precision == "fp16" and device != "cuda":
+            raise InputError("the torch FP16 backend runs on CUDA only (CPU FP16 convolutions are emulated and slow)")
+        self.torch = torch
+        self.manifest = manifest
+        self.precision = precision
+        self.device = torch.device(device)
+        self.network = build_torch_network(engine_dir, manifest, precision).to(self.device)
+        self.crop = manifest["preprocessing"]["crop"]
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = self.torch.from_numpy(_check_input(images, self.crop)).to(self.device)
+        with self.torch.no_grad():
+            maps, scores = self.network(x)
+        return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+
+
+class OnnxRuntime:
+    """ONNX Runtime on ``model.<precision>.onnx`` with the best installed execution provider."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, engine_dir: str | Path, manifest: dict, precision: str = "fp32", providers: Sequence[str] | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("onnxruntime is not installed") from None
+        self.manifest = manifest
+        self.precision = precision
+        entry = manifest["onnx"].get(precision)
+        if entry is None:
+            raise InputError(f"no {precision} ONNX file in {engine_dir}")
+        path = verify_file(engine_dir, manifest, entry["file"])
+        available = ort.get_available_providers()
+        if providers is None:
+            preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
+            providers = [p for p in preferred if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.providers = self.session.get_providers()
+        self.crop = manifest["preprocessing"]["crop"]
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(["anomaly_map", "score"], {"image": _check_input(images, self.crop)})
+        return maps[:, 0].astype(np.float32), scores.astype(np.float32)
+
+
+def load(engine_dir: str | Path, backend: str = "onnxruntime", precision: str | None = None, device: str = "cpu") -> Runtime:
+    """Open an engine directory (manifest and files verified) with one backend."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    manifest = read_manifest(engine_dir, verify=True)
+    if backend == "torch":
+        return TorchRuntime(engine_dir, manifest, precision or "fp32", device)
+    if backend == "onnxruntime":
+        return OnnxRuntime(engine_dir, manifest, precision or "fp32")
+    from .engine import TensorRTRuntime  # noqa: PLC0415  (TensorRT is optional)
+
+    return TensorRTRuntime(engine_dir, manifest)
+
+
+def preprocess_paths(paths: Sequence[Path], manifest: dict) -> np.ndarray:
+    """Decode and preprocess image files exactly as the engine was built: float32 [B, 3, S, S]."""
+    prep = preprocessing(manifest)
+    return np.stack([prep.image_array(load_image(p)) for p in paths])
+
+
+@dataclass
+class Predictions:
+    paths: list[Path]
+    maps: np.ndarray
+    scores: np.ndarray
+
+
+def predict_paths(runtime: Runtime, paths: Sequence[Path], batch_size: int = 8, progress: bool = False) -> Predictions:
+    """Run a list of image files through a runtime in batches."""
+    from tqdm.auto import tqdm
+
+    maps, scores = [], []
+    with tqdm(total=len(paths), unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start : start + batch_size])
+            m, s = runtime.predict(preprocess_paths(chunk, runtime.manifest))
+            maps.append(m)
+            scores.append(s)
+            bar.update(len(chunk))
+    return Predictions(list(paths), np.concatenate(maps), np.concatenate(scores))
