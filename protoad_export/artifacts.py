@@ -61,11 +61,41 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def staging_directory(final_dir: str | os.PathLike) -> Path:
-    """A fresh hidden directory beside ``final_dir`` to assemble a new engine directory in."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_work(final_dir: str | os.PathLike) -> list[Path]:
+    """Remove staging and scratch folders that killed builds of ``final_dir`` left behind.
+
+    Their names carry the builder's pid, so the folders of a build still running are kept.
+    """
+    final_dir = Path(final_dir)
+    removed = []
+    if not final_dir.parent.is_dir():
+        return removed
+    for path in final_dir.parent.glob(f".{final_dir.name}.*"):
+        parts = path.name[len(final_dir.name) + 2 :].split(".")
+        if path.is_dir() and parts and parts[0].isdigit() and parts[-1] in ("staging", "scratch"):
+            if not _pid_alive(int(parts[0])):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def staging_directory(final_dir: str | os.PathLike, kind: str = "staging") -> Path:
+    """A fresh hidden directory beside ``final_dir`` (``kind``: staging for the new engine
+    directory, scratch for temporary features). Stale ones from killed builds are removed first."""
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".staging", dir=final_dir.parent))
+    remove_stale_work(final_dir)
+    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.{os.getpid()}.", suffix=f".{kind}", dir=final_dir.parent))
 
 
 def commit_directory(staging: Path, final_dir: str | os.PathLike) -> None:
@@ -103,7 +133,9 @@ def read_manifest(engine_dir: str | os.PathLike, verify: bool = True) -> dict[st
     engine_dir = Path(engine_dir)
     path = engine_dir / MANIFEST_NAME
     if not engine_dir.is_dir():
-        raise ArtifactError(f"engine directory not found: {engine_dir}")
+        aside = sorted(engine_dir.parent.glob(f".{engine_dir.name}.*.old")) if engine_dir.parent.is_dir() else []
+        hint = f" (a build killed while swapping directories left {aside[0]}: rename it back)" if aside else ""
+        raise ArtifactError(f"engine directory not found: {engine_dir}{hint}")
     if not path.is_file():
         raise ArtifactError(f"{engine_dir} has no {MANIFEST_NAME}: not an engine directory")
     try:

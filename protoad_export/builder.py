@@ -31,7 +31,7 @@ from .features import FeatureExtractor, PatchFeatures, extract_features, resolve
 from .images import Preprocessing, is_mvtec_category, training_images
 from .network import ProtoADNetwork, patch_grid
 from .onnx_export import inspect_graph, export_onnx
-from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes
+from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, sample_rows
 
 MIN_TRAIN_IMAGES = 5
 MAX_SKIPPED_SHARE = 0.1
@@ -64,6 +64,8 @@ class BuildConfig:
     batch_profile: tuple[int, int, int] = (1, 8, 32)
     batch_size: int = 16
     neighbours: str = "auto"
+    max_train_patches: int | None = None  # off: cluster every patch; else a seeded uniform sample
+    holdout: float = 0.1  # share of normal images kept back for threshold calibration
 
     def __post_init__(self) -> None:
         from .backbones import get_spec
@@ -79,6 +81,15 @@ class BuildConfig:
             raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if self.neighbours not in NEIGHBOUR_METHODS:
             raise InputError(f"unknown neighbour method {self.neighbours!r}")
+        if self.max_train_patches is not None and (
+            isinstance(self.max_train_patches, bool) or not isinstance(self.max_train_patches, int)
+            or self.max_train_patches < self.max_prototypes
+        ):
+            raise InputError(
+                f"max train patches must be an integer >= max prototypes ({self.max_prototypes}), got {self.max_train_patches!r}"
+            )
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0.0 <= self.holdout < 1.0:
+            raise InputError(f"holdout must be a share in [0, 1), got {self.holdout!r}")
         lo, opt, hi = self.batch_profile
         if not 1 <= lo <= opt <= hi:
             raise InputError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
@@ -122,6 +133,9 @@ def build(
     paths = training_images(data)
     if len(paths) < MIN_TRAIN_IMAGES:
         raise InputError(f"{len(paths)} normal images found in {data}; at least {MIN_TRAIN_IMAGES} are needed")
+    from .thresholds import score_holdout, split_holdout
+
+    paths, held_out = split_holdout(paths, config.holdout, MIN_TRAIN_IMAGES)
     device = resolve_device(config.device)
     prep = config.preprocessing
     timings: dict[str, float] = {}
@@ -133,7 +147,7 @@ def build(
 
     final_dir = Path(out) / name
     staging = staging_directory(final_dir)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".features", dir=Path(out)))
+    workdir = staging_directory(final_dir, kind="scratch")
     try:
         t0 = time.perf_counter()
         log(f"[1/4] features: {len(paths)} images, {config.backbone} on {device.type}")
@@ -153,9 +167,14 @@ def build(
         log(f"      {extracted.array.shape[0]:,} patch features of {extracted.array.shape[1]} dims ({timings['features']:.1f} s)")
 
         t0 = time.perf_counter()
+        train_features = extracted.array
+        rows = sample_rows(len(train_features), config.max_train_patches)
+        if rows is not None:
+            train_features = train_features[rows]  # reads only the sampled rows
+            log(f"      --max-train-patches: a seeded uniform sample of {len(rows):,} patches")
         log(f"[2/4] FINCH: stop below {config.max_prototypes:,} clusters")
         fit = fit_prototypes(
-            extracted.array, config.max_prototypes, config.normalize_prototypes, config.neighbours,
+            train_features, config.max_prototypes, config.normalize_prototypes, config.neighbours,
             device, log=lambda m: log("      " + m),
         )
         timings["clustering"] = time.perf_counter() - t0
@@ -180,6 +199,11 @@ def build(
                 network = net
         timings["export"] = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
+        # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
+        holdout = score_holdout(network, held_out, prep, config.holdout, device, config.batch_size)
+        timings["holdout"] = time.perf_counter() - t0
+
         log("[4/4] manifest")
         manifest = {
             "tool": "protoad-export",
@@ -203,8 +227,10 @@ def build(
             "batch_profile": {"min": config.batch_profile[0], "opt": config.batch_profile[1], "max": config.batch_profile[2]},
             "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),
                       "skipped": [p.name for p, _ in extracted.skipped], "patches": int(extracted.array.shape[0]),
+                      "patches_clustered": int(len(train_features)), "max_train_patches": config.max_train_patches,
                       "grid": list(extracted.grid)},
             "test_data": str(Path(data).resolve()) if is_mvtec_category(data) else None,
+            "holdout": holdout,
             "build": {"device": device.type, "seconds": {k: round(v, 3) for k, v in timings.items()},
                       "peak_rss_mib": round(peak_rss_mib(), 1)},
             "versions": _versions(),

@@ -138,6 +138,8 @@ def extract_features(
     Rows are ordered image by image, row-major over the feature grid. FP16 keeps 11 bits of
     mantissa: ample for unit vectors whose nearest-neighbour structure is what FINCH uses.
     Unreadable images are skipped and reported; the caller decides how many it tolerates.
+    Batches are appended with plain file writes (not through a writable mapping, whose dirty
+    pages would count as this process's memory), so resident memory does not grow with N.
     """
     if not paths:
         raise InputError("no images to extract features from")
@@ -145,21 +147,26 @@ def extract_features(
     extractor = extractor.to(device).eval()
     probe = extractor(torch.zeros(1, 3, prep.crop, prep.crop, device=device))
     _, dim, h, w = probe.shape
-    array = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float16, shape=(len(paths) * h * w, dim))
+    shape = (len(paths) * h * w, dim)
+    handle = open(out_path, "wb")
+    np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                  "fortran_order": False, "shape": shape})
+    data_start = handle.tell()
     row = 0
     used: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     workers = max(1, min(4, (os.cpu_count() or 1)))
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with handle, tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for chunk, decoded in _load_batches(list(paths), prep, batch_size, workers):
             good = [(p, a) for p, a in zip(chunk, decoded) if not isinstance(a, InputError)]
             skipped += [(p, str(a)) for p, a in zip(chunk, decoded) if isinstance(a, InputError)]
             if good:
                 feats = extractor(torch.from_numpy(np.stack([a for _, a in good])).to(device))
                 flat = feats.permute(0, 2, 3, 1).reshape(-1, dim).to(torch.float16).cpu().numpy()
-                array[row : row + len(flat)] = flat
+                handle.write(np.ascontiguousarray(flat).tobytes())
                 row += len(flat)
                 used += [p for p, _ in good]
             bar.update(len(chunk))
-    array.flush()
+        handle.truncate(data_start + shape[0] * dim * 2)  # rows of skipped images: never read
+    array = np.load(out_path, mmap_mode="r")
     return ExtractedFeatures(array[:row], (h, w), used, skipped)

@@ -93,9 +93,20 @@ class Preprocessing:
         arr = np.asarray(self.apply(image), dtype=np.float32) / 255.0
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
-    def mask_array(self, mask: Image.Image) -> np.ndarray:
-        """Mask PIL image -> bool [crop, crop] with the image's geometry (nearest neighbour, > 127)."""
-        return np.asarray(self.apply(to_gray8(mask), Image.NEAREST)) > 127
+    def mask_array(self, mask: Image.Image, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Mask PIL image -> bool [crop, crop] with the image's geometry (nearest neighbour, > 127).
+
+        ``image_size`` (width, height) is the size of the image the mask belongs to: a mask of another
+        size but the same aspect ratio (a mask saved at another resolution) is first scaled to it;
+        a mask of another shape belongs to another image and is refused.
+        """
+        mask = to_gray8(mask)
+        if image_size is not None and mask.size != tuple(image_size):
+            (mw, mh), (iw, ih) = mask.size, image_size
+            if abs(mw / mh - iw / ih) > 0.01 * (iw / ih):
+                raise InputError(f"mask size {mw}x{mh} does not match its image ({iw}x{ih})")
+            mask = mask.resize((iw, ih), Image.NEAREST)
+        return np.asarray(self.apply(mask, Image.NEAREST)) > 127
 
 
 def to_gray8(image: Image.Image) -> Image.Image:
@@ -233,3 +244,22 @@ def category_test_set(root: str | Path, require_masks: bool = True) -> list[Labe
 def load_batch(paths: Sequence[Path], prep: Preprocessing) -> np.ndarray:
     """Decode and preprocess a batch of images into float32 [B, 3, crop, crop] in [0, 1]."""
     return np.stack([prep.image_array(load_image(p)) for p in paths])
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
+def mask_for(sample: "LabelledImage", prep: Preprocessing) -> np.ndarray:
+    """The sample's ground-truth mask with the image's geometry: bool [crop, crop] (all False if none)."""
+    if sample.mask_path is None:
+        return np.zeros((prep.crop, prep.crop), dtype=bool)
+    try:
+        return prep.mask_array(load_mask(sample.mask_path), image_size(sample.path))
+    except InputError as exc:
+        raise InputError(f"{sample.mask_path}: {exc}") from None

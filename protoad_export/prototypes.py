@@ -45,3 +45,15 @@ def fit_prototypes(
     if normalize:
         protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
     return PrototypeFit(np.ascontiguousarray(protos), result, normalize)
+
+
+def sample_rows(n_rows: int, limit: int | None, seed: int = 0) -> np.ndarray | None:
+    """The rows that ``--max-train-patches`` keeps: ``None`` (all) when ``limit`` is off or not
+    exceeded, else a uniform sample of ``limit`` distinct rows drawn with ``numpy``'s
+    ``default_rng(seed)``, sorted ascending, so the same features always give the same sample
+    and a disk-backed array is read front to back."""
+    if limit is None or n_rows <= limit:
+        return None
+    if limit < 2:
+        raise InputError(f"--max-train-patches must be at least 2, got {limit}")
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=limit, replace=False))

@@ -17,6 +17,7 @@ from .errors import InputError, MissingDependencyError
 from .images import Preprocessing, load_image
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 class Runtime(Protocol):
@@ -32,6 +33,7 @@ class Runtime(Protocol):
 
 
 def preprocessing(manifest: dict) -> Preprocessing:
+    """The manifest's preprocessing, shared by every backend."""
     return Preprocessing.from_dict(manifest["preprocessing"])
 
 
@@ -62,27 +64,79 @@ def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str =
 
 
 class TorchRuntime:
-    """The PyTorch module: FP32 reference (CPU or CUDA), FP16 on CUDA."""
+    """The PyTorch module: FP32 reference (CPU or CUDA), FP16 on CUDA, optionally ``torch.compile``d.
+
+    ``compile=True`` uses ``mode="reduce-overhead"``, which replays CUDA graphs (CUDA only).
+    On CUDA the runtime also offers the timed steps of the bench (set_batch, upload, execute,
+    download) on the current stream.
+    """
 
     backend = "torch"
 
-    def __init__(self, engine_dir: str | Path, manifest: dict, precision: str = "fp32", device: str = "cpu") -> None:
+    def __init__(self, engine_dir: str | Path, manifest: dict, precision: str = "fp32", device: str = "cpu",
+                 compile: bool = False) -> None:
         import torch
 
+        if precision not in ("fp32", "fp16"):
+            raise InputError(f"unknown precision {precision!r}: choose fp32 or fp16")
+        if device not in ("cpu", "cuda"):
+            raise InputError(f"unknown device {device!r}: choose cpu or cuda")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise MissingDependencyError("--device cuda was asked for, but no CUDA GPU is visible")
         if precision == "fp16" and device != "cuda":
             raise InputError("the torch FP16 backend runs on CUDA only (CPU FP16 convolutions are emulated and slow)")
+        if compile and device != "cuda":
+            raise InputError("torch.compile with CUDA graphs runs on CUDA only")
         self.torch = torch
         self.manifest = manifest
         self.precision = precision
+        self.compiled = compile
         self.device = torch.device(device)
+        self.on_gpu = device == "cuda"
         self.network = build_torch_network(engine_dir, manifest, precision).to(self.device)
+        if compile:
+            self.network = torch.compile(self.network, mode="reduce-overhead", dynamic=False)
         self.crop = manifest["preprocessing"]["crop"]
+        self._batch = None
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = self.torch.from_numpy(_check_input(images, self.crop)).to(self.device)
         with self.torch.no_grad():
             maps, scores = self.network(x)
         return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+
+    # Timed steps (CUDA only), mirroring TensorRTRuntime's.
+
+    @property
+    def stream(self):
+        return self.torch.cuda.current_stream()
+
+    def set_batch(self, batch: int) -> None:
+        """Allocate pinned host and device buffers for ``batch`` images."""
+        if batch == self._batch:
+            return
+        t, s = self.torch, self.crop
+        self._host_in = t.empty((batch, 3, s, s), dtype=t.float32).pin_memory()
+        self._dev_in = t.empty((batch, 3, s, s), dtype=t.float32, device=self.device)
+        self._host_maps = t.empty((batch, 1, s, s), dtype=t.float32).pin_memory()
+        self._host_scores = t.empty((batch,), dtype=t.float32).pin_memory()
+        self._batch = batch
+
+    def upload(self, images: np.ndarray) -> None:
+        self._host_in.copy_(self.torch.from_numpy(images))
+        self._dev_in.copy_(self._host_in, non_blocking=True)
+
+    def execute(self) -> None:
+        with self.torch.no_grad():
+            self._out = self.network(self._dev_in)
+
+    def download(self) -> None:
+        maps, scores = self._out
+        self._host_maps.copy_(maps.float(), non_blocking=True)
+        self._host_scores.copy_(scores.float(), non_blocking=True)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
 
 
 class OnnxRuntime:
@@ -103,12 +157,17 @@ class OnnxRuntime:
         path = verify_file(engine_dir, manifest, entry["file"])
         available = ort.get_available_providers()
         if providers is None:
-            preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
-            providers = [p for p in preferred if p in available]
+            # Best first; ONNX Runtime falls back along the list for nodes a provider cannot run.
+            providers = [p for p in PREFERRED_PROVIDERS if p in available]
+        else:
+            unknown = [p for p in providers if p not in available]
+            if unknown:
+                raise MissingDependencyError(f"ONNX Runtime execution providers not installed: {', '.join(unknown)} (available: {', '.join(available)})")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.providers = self.session.get_providers()
+        self.on_gpu = False  # timed end to end: ONNX Runtime hides its transfers
         self.crop = manifest["preprocessing"]["crop"]
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,15 +175,23 @@ class OnnxRuntime:
         return maps[:, 0].astype(np.float32), scores.astype(np.float32)
 
 
-def load(engine_dir: str | Path, backend: str = "onnxruntime", precision: str | None = None, device: str = "cpu") -> Runtime:
-    """Open an engine directory (manifest and files verified) with one backend."""
+def load(engine_dir: str | Path, backend: str = "onnxruntime", precision: str | None = None, device: str = "cpu",
+         compile: bool = False, providers: Sequence[str] | None = None) -> Runtime:
+    """Open an engine directory (manifest and every listed file checked by sha256) with one backend.
+
+    ``torch``: FP32 reference or FP16 (CUDA), on ``device``, optionally ``compile``d;
+    ``onnxruntime``: ``model.<precision>.onnx`` with the best installed (or the given) providers;
+    ``tensorrt``: the engine compiled for this GPU, refused with the reason when it cannot run here.
+    """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     manifest = read_manifest(engine_dir, verify=True)
     if backend == "torch":
-        return TorchRuntime(engine_dir, manifest, precision or "fp32", device)
+        return TorchRuntime(engine_dir, manifest, precision or "fp32", device, compile)
     if backend == "onnxruntime":
-        return OnnxRuntime(engine_dir, manifest, precision or "fp32")
+        return OnnxRuntime(engine_dir, manifest, precision or "fp32", providers)
+    if precision not in (None, "fp16"):
+        raise InputError("TensorRT engines are FP16 (strongly typed from model.fp16.onnx)")
     from .engine import TensorRTRuntime  # noqa: PLC0415  (TensorRT is optional)
 
     return TensorRTRuntime(engine_dir, manifest)
@@ -138,6 +205,8 @@ def preprocess_paths(paths: Sequence[Path], manifest: dict) -> np.ndarray:
 
 @dataclass
 class Predictions:
+    """Outputs of :func:`predict_paths`, in the order of ``paths``."""
+
     paths: list[Path]
     maps: np.ndarray
     scores: np.ndarray

@@ -31,10 +31,15 @@ from . import BatchProfile, handle_errors, main
               help="Images per forward pass during feature extraction.")
 @click.option("--neighbours", default="auto", show_default=True, type=click.Choice(["auto", "exact", "approx"]),
               help="FINCH first-neighbour search.")
+@click.option("--holdout", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Share of the normal images kept out of fitting; their scores calibrate the threshold.")
+@click.option("--max-train-patches", default=None, type=click.IntRange(min=2),
+              help="Cluster at most this many patch features: a uniform sample drawn with seed 0 "
+                   "(deterministic), trading accuracy for time. Default: all.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def build(data, name, out, backbone, weights, max_prototypes, align, normalize_prototypes, resize_mode,
-          resize, crop, device, batch_profile, batch_size, neighbours, quiet) -> None:
+          resize, crop, device, batch_profile, batch_size, neighbours, holdout, max_train_patches, quiet) -> None:
     """Fit prototypes on the normal images in DATA and export the complete network.
 
     DATA is a folder of defect-free images or an MVTec-style category (its train/good is used).
@@ -47,6 +52,7 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
         normalize_prototypes=normalize_prototypes,
         preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode),
         device=device, batch_profile=batch_profile, batch_size=batch_size, neighbours=neighbours,
+        holdout=holdout, max_train_patches=max_train_patches,
     )
     result = run_build(data, name, out, config, log=click.echo, progress=not quiet)
     m = result.manifest

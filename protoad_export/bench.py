@@ -1,0 +1,299 @@
+"""``bench``: is every backend right (fidelity, in the manner of Polygraphy), and how fast is it (trtexec)?
+
+Fidelity compares each backend with the PyTorch FP32 module on the same real images: max and mean
+absolute error of the anomaly maps and of the scores, an elementwise ``|out - ref| <= atol + rtol *
+|ref|`` check (Polygraphy's ``--atol``/``--rtol``, numpy's ``allclose``), and, where labels exist,
+each backend's image and pixel AUROC (a backend may also not lose more than ``auroc_tol``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .artifacts import atomic_write_json, read_manifest
+from .errors import InputError, ProtoADError, ToleranceError
+
+# name -> (runtime backend, precision, torch.compile); the CLI's --backend choices.
+BACKEND_SPECS: dict[str, tuple[str, str, bool]] = {
+    "torch": ("torch", "fp32", False),
+    "torch-fp16": ("torch", "fp16", False),
+    "torch-fp16-compile": ("torch", "fp16", True),
+    "onnxruntime": ("onnxruntime", "fp32", False),
+    "onnxruntime-fp16": ("onnxruntime", "fp16", False),
+    "tensorrt": ("tensorrt", "fp16", False),
+}
+# FP32 backends differ from the reference by summation order only; FP16 ones by rounding of
+# activations and weights (the prototype conv is designed to keep ~1e-3 on 1 - cos, see network.py).
+DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 5e-2)}
+DEFAULT_AUROC_TOL = 0.01
+
+
+@dataclass
+class TestImages:
+    """Preprocessed images with labels and masks where the data has them."""
+
+    paths: list[Path]
+    source: str
+    labels: np.ndarray | None = None  # 1 = defective
+    masks: np.ndarray | None = None  # bool [N, S, S]
+
+
+@dataclass
+class Fidelity:
+    """One backend against the PyTorch FP32 reference (Polygraphy-style comparison)."""
+
+    backend: str
+    precision: str
+    providers: list[str] | None
+    map_max_abs: float
+    map_mean_abs: float
+    score_max_abs: float
+    score_mean_abs: float
+    atol: float
+    rtol: float
+    allclose: bool
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None
+    auroc_drop: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def load_test_images(manifest: dict, data: str | Path | None, limit: int | None = None) -> TestImages:
+    """``data`` (an MVTec-style category or a folder of images), else the manifest's ``test_data``."""
+    from .images import Preprocessing, category_test_set, is_mvtec_category, list_images, load_mask
+
+    if data is None:
+        data = manifest.get("test_data")
+        if data is None:
+            raise InputError("no test images: this engine directory records no test data; pass --data DIR")
+        if not Path(data).is_dir():
+            raise InputError(f"the test data recorded at build time is not on this machine ({data}); pass --data DIR")
+    data = Path(data)
+    if not data.exists():
+        raise InputError(f"data folder not found: {data}")
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    if (data / "test").is_dir() or is_mvtec_category(data):
+        samples = category_test_set(data, require_masks=False)
+        if limit:
+            # An even spread over the sorted set keeps both normal and defective images in a subset.
+            idx = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).round().astype(int))
+            samples = [samples[i] for i in idx]
+        crop = prep.crop
+        masks = np.stack([
+            prep.mask_array(load_mask(s.mask_path)) if s.mask_path else np.zeros((crop, crop), bool) for s in samples
+        ])
+        labels = np.array([s.label for s in samples])
+        return TestImages([s.path for s in samples], str(data), labels, masks)
+    paths = list_images(data)
+    if limit:
+        paths = paths[:limit]
+    return TestImages(paths, str(data))
+
+
+def run_all(runtime, images: TestImages, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every test image in batches: (maps [N, S, S], scores [N])."""
+    from .runtime import predict_paths
+
+    pred = predict_paths(runtime, images.paths, batch_size=batch_size)
+    return pred.maps, pred.scores
+
+
+def _aurocs(images: TestImages, maps: np.ndarray, scores: np.ndarray) -> tuple[float | None, float | None]:
+    from .metrics import image_auroc, pixel_auroc
+
+    img = pix = None
+    if images.labels is not None and 0 < images.labels.sum() < len(images.labels):
+        img = image_auroc(images.labels, scores)
+    if images.masks is not None and images.masks.any() and not images.masks.all():
+        pix = pixel_auroc(images.masks, maps)
+    return img, pix
+
+
+def compare(name: str, precision: str, maps: np.ndarray, scores: np.ndarray, ref_maps: np.ndarray,
+            ref_scores: np.ndarray, images: TestImages, ref_aurocs: tuple[float | None, float | None],
+            atol: float, rtol: float, auroc_tol: float, providers: list[str] | None = None) -> Fidelity:
+    """Errors, the allclose check and AUROCs of one backend's outputs against the reference's."""
+    map_err = np.abs(maps.astype(np.float64) - ref_maps)
+    score_err = np.abs(scores.astype(np.float64) - ref_scores)
+    failures = []
+    if not np.isfinite(maps).all() or not np.isfinite(scores).all():
+        failures.append("non-finite outputs")
+    ok_maps = bool(np.all(map_err <= atol + rtol * np.abs(ref_maps)))
+    ok_scores = bool(np.all(score_err <= atol + rtol * np.abs(ref_scores)))
+    if not ok_maps:
+        failures.append(f"map error {map_err.max():.3g} > atol {atol:g} + rtol {rtol:g} x |ref|")
+    if not ok_scores:
+        failures.append(f"score error {score_err.max():.3g} > atol {atol:g} + rtol {rtol:g} x |ref|")
+    img, pix = _aurocs(images, maps, scores) if not failures or np.isfinite(maps).all() else (None, None)
+    drops = [r - v for r, v in zip(ref_aurocs, (img, pix)) if r is not None and v is not None]
+    drop = max(drops) if drops else None
+    if drop is not None and drop > auroc_tol:
+        failures.append(f"AUROC drop {drop:.4f} > {auroc_tol:g}")
+    return Fidelity(name, precision, providers, float(map_err.max()), float(map_err.mean()), float(score_err.max()),
+                    float(score_err.mean()), atol, rtol, ok_maps and ok_scores, img, pix, drop, failures)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count and GPU name, for the record next to every timing."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def open_backend(engine_dir: Path, name: str, device: str):
+    """Load one backend by its bench name (see BACKEND_SPECS)."""
+    from .runtime import load
+
+    if name not in BACKEND_SPECS:
+        raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
+    backend, precision, compiled = BACKEND_SPECS[name]
+    if backend == "torch":
+        return load(engine_dir, "torch", precision, device="cuda" if precision == "fp16" else device, compile=compiled)
+    return load(engine_dir, backend, precision)
+
+
+def default_backends(device: str) -> list[str]:
+    """Every backend that can run here: ONNX Runtime always, torch FP16 and TensorRT on a GPU."""
+    names = ["onnxruntime", "onnxruntime-fp16"]
+    if device == "cuda":
+        names = ["torch-fp16", "torch-fp16-compile", *names]
+        from . import engine
+
+        if engine.missing_requirements() is None:
+            names.append("tensorrt")
+    return names
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def bench(
+    engine_dir: str | Path,
+    backends: Sequence[str] | None = None,
+    data: str | Path | None = None,
+    limit: int | None = None,
+    fps: bool = False,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    device: str = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+    auroc_tol: float = DEFAULT_AUROC_TOL,
+    warmup: int = 10,
+    iterations: int = 100,
+    min_seconds: float = 0.0,
+    batch_size: int = 8,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Fidelity of every backend against PyTorch FP32, then (with ``fps``) speed per batch size.
+
+    Returns the report (as written by ``--json``); raises ToleranceError after reporting when any
+    backend exceeds a tolerance. ``atol``/``rtol`` default per precision (DEFAULT_TOLERANCES).
+    """
+    from .bench_timing import time_runtime
+
+    log = log or (lambda _msg: None)
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir, verify=True)
+    device = resolve_device(device)
+    backends = list(backends or default_backends(device))
+    for name in backends:
+        if name not in BACKEND_SPECS:
+            raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
+    if any(b < 1 for b in batch_sizes):
+        raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    images = load_test_images(manifest, data, limit)
+    log(f"fidelity: {len(images.paths)} images from {images.source}, reference PyTorch FP32 on {device}")
+
+    reference = open_backend(engine_dir, "torch", device)
+    ref_maps, ref_scores = run_all(reference, images, batch_size)
+    ref_maps64, ref_scores64 = ref_maps.astype(np.float64), ref_scores.astype(np.float64)
+    ref_aurocs = _aurocs(images, ref_maps, ref_scores)
+    report: dict[str, Any] = {
+        "engine_dir": str(engine_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "device": device,
+        "model": {"backbone": manifest["backbone"]["name"], "prototypes": manifest["prototypes"]["count"],
+                  "crop": manifest["preprocessing"]["crop"]},
+        "data": {"source": images.source, "images": len(images.paths),
+                 "defective": None if images.labels is None else int(images.labels.sum())},
+        "reference": {"backend": "torch", "precision": "fp32", "image_auroc": ref_aurocs[0], "pixel_auroc": ref_aurocs[1]},
+        "fidelity": [], "speed": [], "skipped": {},
+    }
+    runtimes = {}
+    for name in backends:
+        try:
+            rt = reference if name == "torch" else open_backend(engine_dir, name, device)
+        except ProtoADError as exc:
+            if name == "tensorrt" or name.startswith("torch-fp16"):
+                report["skipped"][name] = str(exc)  # optional backends: say why and go on
+                log(f"  {name}: skipped ({exc})")
+                continue
+            raise
+        runtimes[name] = rt
+        precision = BACKEND_SPECS[name][1]
+        a, r = DEFAULT_TOLERANCES[precision]
+        maps, scores = run_all(rt, images, batch_size)
+        fid = compare(name, precision, maps, scores, ref_maps64, ref_scores64, images, ref_aurocs,
+                      a if atol is None else atol, r if rtol is None else rtol, auroc_tol,
+                      getattr(rt, "providers", None))
+        report["fidelity"].append(asdict(fid) | {"passed": fid.passed})
+
+    if fps:
+        from .runtime import preprocess_paths
+
+        timed = {"torch": reference, **runtimes}
+        for b in batch_sizes:
+            # The first b test images (cycled when there are fewer): timing on real pictures.
+            paths = [images.paths[i % len(images.paths)] for i in range(b)]
+            batch = preprocess_paths(paths, manifest)
+            for name, rt in timed.items():
+                max_batch = getattr(rt, "max_batch", None)
+                if max_batch is not None and b > max_batch:
+                    report["skipped"][f"{name}@{b}"] = f"batch {b} exceeds the engine profile's maximum {max_batch}"
+                    continue
+                res = time_runtime(rt, batch, name, warmup, iterations, min_seconds)
+                report["speed"].append(res.to_dict())
+    return report
+
+
+def check_tolerances(report: dict[str, Any]) -> None:
+    """Raise ToleranceError naming every backend that failed (after the report is out)."""
+    failed = [f"{f['backend']}: {'; '.join(f['failures'])}" for f in report["fidelity"] if not f["passed"]]
+    if failed:
+        raise ToleranceError("fidelity check failed: " + " | ".join(failed))
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    """The report as JSON (atomically)."""
+    atomic_write_json(path, json.loads(json.dumps(report, default=float)))

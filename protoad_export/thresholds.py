@@ -1,0 +1,238 @@
+"""Decision thresholds: the normal hold-out kept back by ``build`` and ``calibrate``.
+
+Decision rule everywhere in protoad-export: an image is **defective when its score is strictly
+greater than the threshold**; a pixel of the anomaly map is defective on the same rule.
+
+Two ways to set the threshold:
+
+* ``frr`` (default): from the normal hold-out scores recorded by ``build``. The threshold is the
+  empirical ``1 - target_frr`` quantile with the *inverted CDF* rule (no interpolation): the
+  k-th smallest score with ``k = ceil((1 - target_frr) * n)``. It is always an observed score and
+  at most ``floor(target_frr * n)`` hold-out images lie above it, so the empirical false-reject
+  rate never exceeds the target. With fewer than ``1 / target_frr`` scores the target cannot be
+  resolved: the threshold is then the largest hold-out score (empirical FRR 0) and the result says
+  so (``resolved: false``). ``frr_upper_95`` is the one-sided 95 % Clopper-Pearson bound on the
+  true FRR given the observed rejects, which shows how little a small hold-out proves.
+* ``f1``: given labelled test images, the threshold maximising F1 of the defective class; the
+  candidates are midpoints between consecutive distinct scores (ties: the highest threshold wins,
+  i.e. fewer false rejects).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ArtifactError, InputError
+
+DECISION_RULE = "defective if score > threshold"
+HOLDOUT_RULE = "evenly spaced by sorted file name: image floor((i + 0.5) * n / m) for i < m, m = round(share * n)"
+QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Hold-out (used by builder.build)
+
+
+def split_holdout(paths: Sequence[Path], share: float, min_fit: int) -> tuple[list[Path], list[Path]]:
+    """Split sorted training paths into (fit, held out) deterministically (see ``HOLDOUT_RULE``).
+
+    Evenly spaced picks spread the hold-out over the whole capture period when names follow time.
+    A positive share holds out at least one image, but never so many that fewer than ``min_fit``
+    remain for fitting (the hold-out shrinks, possibly to none, rather than the build failing).
+    """
+    paths = list(paths)
+    n = len(paths)
+    m = max(1, round(share * n)) if share > 0 else 0
+    m = max(0, min(m, n - min_fit))
+    picks = set(evenly_spaced(range(n), m))
+    return [p for i, p in enumerate(paths) if i not in picks], [p for i, p in enumerate(paths) if i in picks]
+
+
+def evenly_spaced(items: Sequence, m: int) -> list:
+    """``m`` items at positions floor((i + 0.5) * n / m), i < m: the centres of m equal slices."""
+    n = len(items)
+    m = min(m, n)
+    if m <= 0:
+        return []
+    return [items[((2 * i + 1) * n) // (2 * m)] for i in range(m)]
+
+
+def score_distribution(scores: np.ndarray) -> dict:
+    """Count, mean, std, quantiles (linear interpolation) of image scores, for the manifest."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return {"count": 0}
+    return {
+        "count": int(scores.size),
+        "mean": float(scores.mean()),
+        "std": float(scores.std(ddof=1)) if scores.size > 1 else 0.0,
+        "min": float(scores.min()),
+        "max": float(scores.max()),
+        "quantiles": {str(q): float(np.quantile(scores, q)) for q in QUANTILES},
+    }
+
+
+def score_holdout(network, paths: Sequence[Path], prep, share: float, device, batch_size: int = 16) -> dict:
+    """Image scores of the held-out normal images with the fitted FP32 torch network.
+
+    Unreadable images are skipped and listed. Returns the manifest's ``holdout`` entry.
+    """
+    import torch
+
+    from .images import load_image
+
+    scores: list[float] = []
+    used: list[str] = []
+    skipped: list[str] = []
+    arrays: list[tuple[str, np.ndarray]] = []
+    for p in paths:
+        try:
+            arrays.append((Path(p).name, prep.image_array(load_image(p))))
+        except InputError:
+            skipped.append(Path(p).name)
+    dev = next(network.buffers()).device
+    with torch.no_grad():
+        for start in range(0, len(arrays), batch_size):
+            chunk = arrays[start : start + batch_size]
+            x = torch.from_numpy(np.stack([a for _, a in chunk])).to(dev)
+            _, s = network(x)
+            scores += s.float().cpu().tolist()
+            used += [name for name, _ in chunk]
+    return {
+        "share": float(share),
+        "rule": HOLDOUT_RULE,
+        "network": "torch fp32",
+        "images": used,
+        "skipped": skipped,
+        "scores": [float(v) for v in scores],
+        **score_distribution(np.asarray(scores)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Threshold rules
+
+
+@dataclass
+class Threshold:
+    """A decision threshold and how it was chosen (stored in the manifest under ``threshold``)."""
+
+    value: float
+    method: str  # "frr", "f1" or "manual"
+    rule: str = DECISION_RULE
+    details: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return d
+
+
+def _clopper_pearson_upper(rejects: int, n: int, level: float = 0.95) -> float:
+    from scipy.stats import beta
+
+    return 1.0 if rejects >= n else float(beta.ppf(level, rejects + 1, n - rejects))
+
+
+def frr_threshold(normal_scores: Sequence[float], target_frr: float = 0.01) -> Threshold:
+    """Threshold from normal scores for a target false-reject rate (see the module docstring)."""
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if not 0.0 <= target_frr < 1.0:
+        raise InputError(f"target FRR must be in [0, 1), got {target_frr}")
+    if scores.size == 0:
+        raise InputError("no normal hold-out scores: rebuild with --holdout > 0, or calibrate with --data")
+    if not np.isfinite(scores).all():
+        raise InputError("hold-out scores contain NaN or infinite values")
+    n = scores.size
+    # The epsilon keeps (1 - 0.01) * 100 = 99.00000000000001 from rounding up to 100.
+    k = max(1, math.ceil((1.0 - target_frr) * n - 1e-9))
+    value = float(scores[k - 1])
+    rejects = int(np.count_nonzero(scores > value))
+    return Threshold(value, "frr", details={
+        "target_frr": float(target_frr),
+        "normal_scores": int(n),
+        "empirical_frr": rejects / n,
+        "frr_upper_95": _clopper_pearson_upper(rejects, n),
+        "resolved": bool(target_frr * n >= 1.0 or target_frr == 0.0),
+        "quantile_rule": "inverted CDF: k-th smallest score, k = ceil((1 - target_frr) * n)",
+    })
+
+
+def f1_threshold(labels: Sequence[int], scores: Sequence[float]) -> Threshold:
+    """F1-optimal threshold for labelled images (1 = defective), on the rule score > threshold."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise InputError(f"{labels.size} labels but {scores.size} scores")
+    if labels.all() or not labels.any():
+        raise InputError("an F1 threshold needs both defective and good labelled images")
+    distinct = np.unique(scores)
+    below_all = distinct[0] - max(1e-6, 1e-6 * abs(distinct[0]))
+    candidates = np.concatenate(([below_all], (distinct[1:] + distinct[:-1]) / 2))
+    predicted = scores[None, :] > candidates[:, None]
+    tp = (predicted & labels).sum(axis=1)
+    fp = (predicted & ~labels).sum(axis=1)
+    fn = labels.sum() - tp
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    best = np.flatnonzero(f1 == f1.max())[-1]
+    precision = tp[best] / max(tp[best] + fp[best], 1)
+    recall = tp[best] / labels.sum()
+    normal = scores[~labels]
+    return Threshold(float(candidates[best]), "f1", details={
+        "f1": float(f1[best]), "precision": float(precision), "recall": float(recall),
+        "images": int(labels.size), "defective": int(labels.sum()),
+        "empirical_frr": float(np.mean(normal > candidates[best])),
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# Engine directories
+
+
+def manifest_threshold(manifest: dict) -> float | None:
+    """The calibrated threshold of an engine directory, or None."""
+    entry = manifest.get("threshold")
+    return float(entry["value"]) if isinstance(entry, dict) and "value" in entry else None
+
+
+def calibrate(
+    engine_dir: str | Path,
+    target_frr: float = 0.01,
+    data: str | Path | None = None,
+    backend: str = "onnxruntime",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Threshold:
+    """Set and store an engine's threshold: from the hold-out (``target_frr``) or, with ``data``, F1-optimal.
+
+    The threshold is written into the manifest (atomically), so the engine directory carries it.
+    """
+    from .artifacts import add_files_to_manifest, read_manifest
+
+    manifest = read_manifest(engine_dir, verify=True)
+    if data is None:
+        holdout = manifest.get("holdout")
+        if not holdout or not holdout.get("scores"):
+            raise ArtifactError(
+                f"{engine_dir} has no hold-out scores (built with --holdout 0 or by an older version): "
+                "rebuild, or calibrate with --data CATEGORY"
+            )
+        threshold = frr_threshold(holdout["scores"], target_frr)
+        threshold.details["source"] = f"build hold-out ({holdout['network']})"
+    else:
+        from .images import category_test_set
+        from .runtime import load, predict_paths
+
+        samples = category_test_set(data, require_masks=False)
+        runtime = load(engine_dir, backend)
+        preds = predict_paths(runtime, [s.path for s in samples], batch_size, progress)
+        threshold = f1_threshold([s.label for s in samples], preds.scores)
+        threshold.details.update(source=str(Path(data).resolve()), backend=backend)
+    add_files_to_manifest(engine_dir, [], {"threshold": threshold.to_dict()})
+    return threshold

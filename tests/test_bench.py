@@ -1,0 +1,100 @@
+"""``protoad-export bench``: fidelity and speed on a small engine directory, JSON, and tolerance failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from protoad_export.artifacts import read_manifest
+from protoad_export.bench import load_test_images
+from protoad_export.bench_timing import Stats, time_cpu
+from protoad_export.cli import main
+from protoad_export.errors import InputError, ToleranceError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_prints_fidelity_and_speed_and_writes_json(small_engine, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, [
+        "bench", str(small_engine), "--backend", "onnxruntime", "--backend", "onnxruntime-fp16", "--device", "cpu",
+        "--limit", "6", "--fps", "--batch-sizes", "1,2", "--warmup", "0", "--iterations", "2", "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "fidelity vs PyTorch FP32 (6 images" in result.output and "PASS" in result.output
+    assert "speed (ms per batch" in result.output
+    report = json.loads(out.read_text())
+    assert report["data"]["images"] == 6 and report["data"]["defective"] > 0
+    assert report["reference"]["image_auroc"] is not None and report["reference"]["pixel_auroc"] is not None
+    fid = {f["backend"]: f for f in report["fidelity"]}
+    assert set(fid) == {"onnxruntime", "onnxruntime-fp16"}
+    assert all(f["passed"] and f["map_max_abs"] >= f["map_mean_abs"] >= 0 for f in fid.values())
+    assert fid["onnxruntime"]["map_max_abs"] < 1e-4
+    cases = {(s["backend"], s["batch"]) for s in report["speed"]}
+    assert cases == {(b, n) for b in ("torch", "onnxruntime", "onnxruntime-fp16") for n in (1, 2)}
+    for s in report["speed"]:
+        e = s["end_to_end"]
+        assert 0 < e["min"] <= e["median"] <= e["p90"] <= e["p99"] <= e["max"] and s["throughput"] > 0
+        assert s["compute"] is None  # CPU: no separate GPU compute time
+    assert "cpus" in report["machine"]
+
+
+def test_bench_exits_non_zero_when_a_tolerance_is_exceeded(small_engine, tmp_path):
+    out = tmp_path / "fail.json"
+    result = CliRunner().invoke(main, [
+        "bench", str(small_engine), "--backend", "onnxruntime-fp16", "--device", "cpu", "--limit", "3",
+        "--atol", "0", "--rtol", "0", "--json", str(out),
+    ])
+    assert result.exit_code == ToleranceError.exit_code
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: fidelity check failed: onnxruntime-fp16: map error")
+    assert "Traceback" not in result.output
+    report = json.loads(out.read_text())  # the report is written before the exit
+    assert report["fidelity"][0]["passed"] is False
+
+
+def test_bench_bad_input_is_one_line(small_engine, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench", str(tmp_path / "nope")])
+    assert result.exit_code != 0 and "engine directory not found" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, ["bench", str(small_engine), "--batch-sizes", "1,x"])
+    assert result.exit_code == 2 and "comma-separated" in result.output
+    result = runner.invoke(main, ["bench", str(small_engine), "--data", str(tmp_path / "missing")])
+    assert result.exit_code == InputError.exit_code and "data folder not found" in result.output
+
+
+def test_test_images_from_manifest_folder_or_nothing(small_engine, small_category, tmp_path):
+    manifest = read_manifest(small_engine)
+    images = load_test_images(manifest, None, limit=4)
+    assert len(images.paths) == 4 and images.labels is not None and images.masks.shape[1:] == (224, 224)
+    assert 0 < images.labels.sum() < 4  # the even spread keeps both classes
+    plain = load_test_images(manifest, small_category / "test" / "crack")
+    assert plain.labels is None and len(plain.paths) == 3
+    with pytest.raises(InputError, match="pass --data"):
+        load_test_images({**manifest, "test_data": None}, None)
+
+
+def test_stats_and_cpu_timing():
+    s = Stats.of([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert (s.mean, s.median, s.min, s.max) == (22.0, 3.0, 1.0, 100.0)
+    assert s.median <= s.p90 <= s.p99 <= s.max
+
+    class Dummy:
+        def predict(self, images):
+            return images[:, 0], images.max(axis=(1, 2, 3))
+
+    res = time_cpu(Dummy(), np.zeros((4, 3, 8, 8), np.float32), "dummy", warmup=1, iterations=5)
+    assert res.batch == 4 and res.iterations >= 5 and res.throughput > 0 and res.compute is None
+
+
+def test_gpu_bench_script_is_valid_bash_and_dry_runs():
+    script = REPO / "benchmarks" / "gpu_bench.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run(["bash", str(script), "--dry-run"], check=True, capture_output=True, text=True, cwd=REPO).stdout
+    assert "protoad-export build" in out and "--weights random" in out and "wide_resnet50_2" in out
+    assert "protoad-export bench" in out and "--fps" in out

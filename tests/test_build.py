@@ -1,0 +1,133 @@
+"""The build pipeline end to end on real images: artifacts, manifest, determinism, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from protoad_export.artifacts import read_manifest, sha256_file
+from protoad_export.builder import BuildConfig, build
+
+REQUIRED_FILES = {"prototypes.npy", "model.fp32.onnx", "model.fp16.onnx"}
+
+
+def test_build_on_40_real_images_gives_every_artifact(small_engine):
+    manifest = read_manifest(small_engine, verify=True)
+    assert set(manifest["files"]) >= REQUIRED_FILES
+    assert {p.name for p in small_engine.iterdir()} >= REQUIRED_FILES | {"manifest.json"}
+    assert manifest["schema_version"] == 1
+    assert manifest["backbone"]["name"] == "efficientnet_lite0"
+    assert manifest["backbone"]["weights_sha256"] == sha256_file(manifest["backbone"]["weights"])
+    assert manifest["preprocessing"]["crop"] == 224 and manifest["align"] == "bilinear"
+    protos = np.load(small_engine / "prototypes.npy", allow_pickle=False)
+    assert protos.dtype == np.float32 and protos.shape == (manifest["prototypes"]["count"], 176)
+    sizes = manifest["finch"]["partition_sizes"]
+    # FINCH stops at the first partition below the limit, and the prototypes are that partition.
+    assert sizes[-1] == len(protos) < 10_000 and all(s >= 10_000 for s in sizes[:-1])
+    assert manifest["train"]["patches"] == manifest["train"]["images"] * 56 * 56
+    for key in ("features", "clustering", "export"):
+        assert manifest["build"]["seconds"][key] > 0
+    assert manifest["build"]["peak_rss_mib"] > 0
+    assert {"torch", "onnx", "numpy"} <= set(manifest["versions"])
+    for precision in ("fp32", "fp16"):
+        model = onnx.load(str(small_engine / f"model.{precision}.onnx"))
+        onnx.checker.check_model(model, full_check=True)
+        assert 17 <= manifest["onnx"][precision]["opset"] <= 20
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 224, 224]
+    assert "float16" in manifest["onnx"]["fp16"]["casts"] and not manifest["onnx"]["fp32"]["casts"]
+
+
+def test_no_pickles_anywhere(small_engine):
+    for path in small_engine.iterdir():
+        head = path.read_bytes()[:2]
+        assert head != b"\x80\x04" and head != b"\x80\x02", f"{path.name} looks like a pickle"
+
+
+def _tiny_config(**kw) -> BuildConfig:
+    return BuildConfig(backbone="efficientnet_lite0", batch_size=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def ten_images(tmp_path_factory, magnetic_tile) -> Path:
+    folder = tmp_path_factory.mktemp("ten")
+    for p in sorted((magnetic_tile / "train" / "good").iterdir())[:10]:
+        (folder / p.name).symlink_to(p)
+    return folder
+
+
+def test_two_builds_are_identical(ten_images, tmp_path):
+    """Same data and options: byte-identical prototypes and ONNX files (only the manifest's times differ)."""
+    a = build(ten_images, "a", tmp_path, _tiny_config(), log=None, progress=False).manifest
+    b = build(ten_images, "b", tmp_path, _tiny_config(), log=None, progress=False).manifest
+    for name in REQUIRED_FILES:
+        assert a["files"][name]["sha256"] == b["files"][name]["sha256"], name
+
+
+def _run_cli(args, env=None, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "protoad_export", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.mark.parametrize("stage", ["[1/4]", "[2/4]", "[3/4]"])
+def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_engine, ten_images, tmp_path, stage):
+    out = tmp_path / "engines"
+    shutil.copytree(small_engine, out / "eng")
+    before = read_manifest(out / "eng")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protoad_export", "build", str(ten_images), "--name", "eng", "--out", str(out),
+         "--backbone", "efficientnet_lite0", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(stage):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    after = read_manifest(out / "eng", verify=True)
+    assert after == before
+    assert sorted(p.name for p in (out / "eng").iterdir()) == sorted(p.name for p in small_engine.iterdir())
+    # The killed build's hidden staging folders are removed by the next build of the same name.
+    leftovers = [p for p in out.iterdir() if p.name.startswith(".eng.")]
+    assert leftovers
+    from protoad_export.artifacts import remove_stale_work
+
+    assert set(remove_stale_work(out / "eng")) == set(leftovers)
+
+
+def test_disk_full_during_export_leaves_nothing(ten_images, tmp_path, monkeypatch):
+    import errno
+
+    import protoad_export.onnx_export as onnx_export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.fp32.onnx")
+
+    monkeypatch.setattr(onnx_export.onnx, "save_model", full)
+    from click.testing import CliRunner
+
+    from protoad_export.cli import main
+
+    result = CliRunner().invoke(main, ["build", str(ten_images), "--name", "e", "--out", str(tmp_path),
+                                       "--backbone", "efficientnet_lite0", "--quiet"])
+    assert result.exit_code == 6
+    assert result.output.strip().splitlines()[-1].startswith("error: disk full")
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_is_json_with_sorted_keys(small_engine):
+    text = (small_engine / "manifest.json").read_text()
+    assert json.loads(text)["tool"] == "protoad-export"

@@ -1,0 +1,113 @@
+"""``eval``: metrics per defect type, masks through the engine's geometry, kNN baseline, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from protoad_export.errors import InputError
+from protoad_export.evaluate import (
+    KnnBaseline,
+    bank_images,
+    evaluate_engine,
+    format_table,
+    load_test_set,
+)
+from protoad_export.images import load_mask
+from protoad_export.runtime import preprocess_paths, preprocessing
+
+
+@pytest.fixture(scope="module")
+def knn_report(small_engine, small_category, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return evaluate_engine(small_engine, small_category, baseline="knn", out_dir=out), out
+
+
+def test_report_has_metrics_per_defect_and_overall(knn_report):
+    report, out = knn_report
+    for name in ("protoad", "knn"):
+        m = report["methods"][name]["metrics"]
+        assert set(m["per_defect"]) == {"crack", "blowhole"}
+        assert m["overall"]["images"] == 10 and m["overall"]["defective"] == 6
+        assert m["per_defect"]["crack"]["images"] == 4 + 3  # crack vs the good images
+        for row in [m["overall"], *m["per_defect"].values()]:
+            for key in ("image_auroc", "pixel_auroc", "pro"):
+                assert 0.0 <= row[key] <= 1.0
+        assert report["methods"][name]["images_per_second"] > 0
+    assert report["map_resolution"] == [224, 224]
+    assert report["test_images"] == {"total": 10, "good": 4, "per_defect": {"blowhole": 3, "crack": 3},
+                                     "image_level_only": []}
+
+
+def test_json_and_plots_are_written(knn_report):
+    report, out = knn_report
+    assert json.loads((out / "evaluation.json").read_text()) == json.loads(json.dumps(report))
+    for name in ("roc.png", "histogram.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.size[0] > 200
+    table = format_table(report)
+    assert "overall" in table and "crack" in table and "knn" in table
+
+
+def test_knn_bank_is_every_patch_of_the_fitting_images(knn_report, small_engine):
+    report, _ = knn_report
+    knn = report["methods"]["knn"]
+    manifest = json.loads((small_engine / "manifest.json").read_text())
+    assert knn["bank_images"] == manifest["train"]["images"] == 11
+    assert knn["bank_patches"] == 11 * 56 * 56 and knn["dim"] == 176
+    assert report["methods"]["protoad"]["prototypes"] == manifest["prototypes"]["count"] < knn["bank_patches"]
+
+
+def test_knn_scores_a_bank_image_as_normal(small_engine):
+    from protoad_export.artifacts import read_manifest
+
+    manifest = read_manifest(small_engine)
+    bank = bank_images(manifest, 2)
+    assert len(bank) == 2 and not {p.name for p in bank} & set(manifest["holdout"]["images"])
+    knn = KnnBaseline(small_engine, manifest, bank)
+    maps, scores = knn.predict(preprocess_paths(bank[:1], manifest))
+    assert maps.shape == (1, 224, 224)
+    assert scores[0] < 2e-3  # its own patches are in the bank (up to FP16 storage)
+
+
+def test_masks_follow_the_engine_geometry(small_engine, small_category, tmp_path):
+    from protoad_export.artifacts import read_manifest
+
+    prep = preprocessing(read_manifest(small_engine))
+    test = load_test_set(small_category, prep)
+    i = next(k for k, s in enumerate(test.samples) if s.mask_path is not None)
+    assert np.array_equal(test.masks[i], prep.mask_array(load_mask(test.samples[i].mask_path)))
+    assert not test.masks[test.labels == 0].any()
+
+    # A defective image without a mask counts at image level only.
+    cat = tmp_path / "cat"
+    (cat / "ground_truth" / "crack").mkdir(parents=True)
+    for sub in ("train", "test"):
+        (cat / sub).symlink_to(small_category / sub)
+    for m in sorted((small_category / "ground_truth" / "crack").iterdir())[1:]:
+        (cat / "ground_truth" / "crack" / m.name).symlink_to(m)
+    (cat / "ground_truth" / "blowhole").symlink_to(small_category / "ground_truth" / "blowhole")
+    test = load_test_set(cat, prep)
+    no_mask = [s.path.name for s, ok in zip(test.samples, test.pixel_ok) if not ok]
+    assert len(no_mask) == 1 and test.labels.sum() == 6
+
+
+def test_eval_cli_writes_json_and_rejects_bad_input(small_engine, small_category, tmp_path):
+    from protoad_export.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval", str(small_engine), str(small_category), "--out", str(tmp_path / "ev"),
+                                  "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "overall" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["methods"]) == {"protoad"} and report["methods"]["protoad"]["backend"] == "onnxruntime"
+
+    result = runner.invoke(main, ["eval", str(small_engine), str(tmp_path / "nowhere"), "--quiet"])
+    assert result.exit_code == 2 and result.output.startswith("error:") and "Traceback" not in result.output
+    with pytest.raises(InputError, match="baseline"):
+        evaluate_engine(small_engine, small_category, baseline="faiss")

@@ -1,0 +1,124 @@
+"""FINCH: equality with finch-clust on exact inputs, the GPU path's logic on a CPU, the IVF path."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from protoad_export.errors import InputError
+from protoad_export.finch import (
+    RECHECK_CANDIDATES, approx_first_neighbours, block_first_neighbours, cluster_means, exact_first_neighbours,
+    finch, first_neighbours,
+)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # finch-clust warns at import when pynndescent is missing
+    finch_clust = pytest.importorskip("finch")
+
+
+def clustered(n: int, dim: int = 32, centres: int = 60, noise: float = 0.3, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres: continuous values, so no exact ties between distances."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, dim))
+    x = c[rng.integers(0, centres, n)] + noise * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n, dim, seed", [(3000, 32, 0), (6000, 176, 1)])
+def test_equals_finch_clust_on_exact_inputs(n, dim, seed):
+    x = clustered(n, dim, seed=seed)
+    ours = finch(x, method="exact", keep_levels=True)
+    labels, sizes, _ = finch_clust.FINCH(x, verbose=False)  # exact below its 20k ann_threshold
+    assert ours.partition_sizes == list(sizes)
+    for level, lab in enumerate(ours.levels):
+        np.testing.assert_array_equal(lab, labels[:, level])
+    # The chosen partition's means are the means over the original points.
+    np.testing.assert_allclose(ours.means, cluster_means(x, ours.labels, ours.n_clusters), atol=1e-6)
+
+
+def test_stop_below_picks_first_partition_under_the_limit():
+    x = clustered(3000)
+    full = finch(x, method="exact")
+    limit = full.partition_sizes[1]  # not below: must go one level further
+    r = finch(x, stop_below=limit, method="exact")
+    assert r.partition_sizes == full.partition_sizes[:3]
+    assert r.n_clusters < limit
+    with pytest.raises(InputError):
+        finch(x, stop_below=1)
+
+
+def test_ensure_early_exit_is_a_no_op():
+    """finch-clust zeroes 'too far' first-neighbour links with explicit zeros, which csgraph still
+    counts as edges: its ensure_early_exit never changes a partition."""
+    a = sp.csr_matrix((np.ones(4, np.float32), ([0, 1, 2, 3], [1, 0, 3, 2])), shape=(4, 4))
+    dist = np.full((4, 4), 0.9, np.float32)
+    labels_before = finch_clust.finch.get_clust(a.copy(), dist, min_sim=None)
+    labels_after = finch_clust.finch.get_clust(a.copy(), dist, min_sim=0.1)  # every link 'too far'
+    assert labels_before[1] == labels_after[1] == 2
+    x = clustered(2000, seed=3)
+    with_exit = finch_clust.FINCH(x, ensure_early_exit=True, verbose=False)
+    without = finch_clust.FINCH(x, ensure_early_exit=False, verbose=False)
+    assert list(with_exit[1]) == list(without[1])
+    np.testing.assert_array_equal(with_exit[0], without[0])
+
+
+def test_fp16_products_with_fp32_recheck_on_cpu():
+    """The CUDA path (FP16 products, FP32 re-check) run on CPU tensors gives the exact winners."""
+    x = clustered(2000, dim=64, noise=0.05, seed=4)
+    exact_idx, exact_sim = exact_first_neighbours(x, low_precision=None)
+    idx, sim = exact_first_neighbours(x, low_precision=torch.float16, block_elements=1 << 18)
+    np.testing.assert_array_equal(idx, exact_idx)
+    np.testing.assert_allclose(sim, exact_sim, atol=1e-6)
+    # Without the re-check, FP16 rounding alone does pick wrong winners on such tight clusters.
+    base = torch.from_numpy(x)
+    s = (base.half() @ base.half().T).float()
+    s.fill_diagonal_(-torch.inf)
+    assert (s.argmax(dim=1).numpy() != exact_idx).any()
+
+
+def test_recheck_fixes_a_near_tie_fp16_cannot_separate():
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=64)
+    q /= np.linalg.norm(q)
+    # Neighbours at cos 0.99990 and 0.99995: one FP16 step (4.9e-4) apart is far more than that.
+    rows = [q]
+    for cos in (0.99990, 0.99995, 0.99980):
+        d = rng.normal(size=64)
+        d -= d @ q * q
+        d /= np.linalg.norm(d)
+        rows.append(cos * q + np.sqrt(1 - cos**2) * d)
+    base = torch.tensor(np.array(rows), dtype=torch.float32)
+    top, val = block_first_neighbours(base[:1], base, 0, torch.float16)
+    assert int(top[0]) == 2 and abs(float(val[0]) - 0.99995) < 1e-6
+    assert RECHECK_CANDIDATES >= 2
+
+
+def test_ivf_first_neighbours_recall():
+    x = clustered(12_000, dim=32, centres=200, noise=0.2, seed=6)
+    exact_idx, exact_sim = exact_first_neighbours(x)
+    for data in (x, x.astype(np.float16)):
+        idx, sim = approx_first_neighbours(data)
+        assert (idx != np.arange(len(x))).all() and (idx >= 0).all()
+        found = np.einsum("ij,ij->i", x, x[idx])
+        recall = np.mean(found >= exact_sim - 1e-3 * (data.dtype == np.float16) - 1e-6)
+        assert recall >= 0.99
+
+
+def test_ivf_never_returns_self_or_missing():
+    # Duplicated points and tiny lists: the fallback exact search fills any point left alone.
+    x = np.repeat(clustered(500, dim=16, seed=7), 2, axis=0)
+    idx, _ = approx_first_neighbours(x, nprobe=1, nlist=40)
+    assert (idx != np.arange(len(x))).all() and (idx >= 0).all()
+
+
+def test_auto_method_and_errors():
+    x = clustered(100)
+    assert first_neighbours(x)[2] == "exact"
+    with pytest.raises(InputError):
+        first_neighbours(x, method="nope")
+    with pytest.raises(InputError):
+        first_neighbours(x[:1])

@@ -1,0 +1,76 @@
+"""One runtime interface: torch and onnxruntime agree on real images; bad requests fail with one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protoad_export.bench import DEFAULT_TOLERANCES
+from protoad_export.errors import InputError, MissingDependencyError
+from protoad_export.images import category_test_set
+from protoad_export.runtime import load, predict_paths, preprocess_paths
+
+
+@pytest.fixture(scope="module")
+def real_batch(small_engine, small_category):
+    from protoad_export.artifacts import read_manifest
+
+    paths = [s.path for s in category_test_set(small_category)][:6]
+    return paths, preprocess_paths(paths, read_manifest(small_engine))
+
+
+@pytest.fixture(scope="module")
+def torch_fp32(small_engine):
+    return load(small_engine, "torch")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnxruntime_agrees_with_torch_fp32(small_engine, real_batch, torch_fp32, precision):
+    _paths, images = real_batch
+    ref_maps, ref_scores = torch_fp32.predict(images)
+    rt = load(small_engine, "onnxruntime", precision)
+    assert rt.backend == "onnxruntime" and rt.precision == precision and "CPUExecutionProvider" in rt.providers
+    maps, scores = rt.predict(images)
+    assert maps.shape == ref_maps.shape == (len(images), *images.shape[2:]) and maps.dtype == np.float32
+    atol, rtol = DEFAULT_TOLERANCES[precision]
+    np.testing.assert_allclose(maps, ref_maps, atol=atol, rtol=rtol)
+    np.testing.assert_allclose(scores, ref_scores, atol=atol, rtol=rtol)
+    # Scores are the maxima of the maps, whatever the backend.
+    np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_predict_paths_batches_like_predict(small_engine, real_batch):
+    paths, images = real_batch
+    rt = load(small_engine, "onnxruntime")
+    pred = predict_paths(rt, paths, batch_size=4)
+    maps, scores = rt.predict(images)
+    assert pred.paths == list(paths)
+    np.testing.assert_allclose(pred.maps, maps, atol=1e-6)
+    np.testing.assert_allclose(pred.scores, scores, atol=1e-6)
+
+
+def test_bad_requests_are_input_errors(small_engine, torch_fp32):
+    with pytest.raises(InputError, match="unknown backend"):
+        load(small_engine, "tflite")
+    with pytest.raises(InputError, match="CUDA only"):
+        load(small_engine, "torch", "fp16", device="cpu")
+    with pytest.raises(InputError, match="CUDA only"):
+        load(small_engine, "torch", "fp32", device="cpu", compile=True)
+    with pytest.raises(InputError, match="FP16"):
+        load(small_engine, "tensorrt", "fp32")
+    with pytest.raises(MissingDependencyError, match="NoSuchExecutionProvider"):
+        load(small_engine, "onnxruntime", providers=["NoSuchExecutionProvider"])
+    with pytest.raises(InputError, match=r"shape \[B, 3,"):
+        torch_fp32.predict(np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_tampered_file_is_refused(small_engine, tmp_path):
+    import shutil
+
+    from protoad_export.errors import ArtifactError
+
+    copy = shutil.copytree(small_engine, tmp_path / "e")
+    with open(copy / "model.fp32.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ArtifactError, match="sha256"):
+        load(copy, "onnxruntime")
