@@ -264,15 +264,26 @@ def stage_score(cache: Path, cfg: str, with_fp16: bool, batch: int = 8) -> None:
     np.savez(out / "test_patch.npz", sumsq=sumsq, **{f"maxcos_{k}": v for k, v in maxcos.items()},
              **{f"maxcos16_{k}": v for k, v in maxcos_in16.items()})
 
+    result = score_variants(out, cfg, samples, maxcos, maxcos_in16, sumsq, absmax, with_fp16)
+    result["seconds_test_pass"] = t_pass
+    save_json(out / "score.json", result)
+
+
+def score_variants(out: Path, cfg: str, samples, maxcos: dict, maxcos_in16: dict, sumsq, absmax, with_fp16: bool) -> dict:
+    """Metrics of each prototype variant (and the FP16 study) from the per-patch maximum cosines."""
+    mode, _ = parse_config(cfg)
+    prep = prep_for(mode)
+    n = len(samples)
+    labels = np.array([s.label for s in samples])
     blur = GaussianBlur(CROP, CROP)
     masks = test_masks(samples, prep)
-    result = {"config": cfg, "test_images": n, "seconds_test_pass": t_pass,
+    result = {"config": cfg, "test_images": n,
               "defect_pixels": int(masks.sum()), "defective_images_with_pixels": int((masks.reshape(n, -1).any(1)).sum()),
               "sumsq": sumsq_stats(sumsq, absmax), "variants": {}}
     squash_masks = test_masks(samples, prep_for("squash")) if mode != "squash" else masks
     if mode == "crop":
         result["crop_loss"] = crop_loss(samples, prep)
-    for k in protos:
+    for k in maxcos:
         patch = -(maxcos[k] - np.float32(1.0))  # conv with bias -1 in FP32, then negate
         maps = tail(patch, blur)
         scores = maps.reshape(n, -1).max(axis=1)
@@ -283,11 +294,24 @@ def stage_score(cache: Path, cfg: str, with_fp16: bool, batch: int = 8) -> None:
         entry["common_frame_pixel_auroc"], entry["common_frame_pro"] = common
         result["variants"][k] = entry
         log(f"{cfg} {k}: {entry}")
-        if k == "raw" and os.environ.get("BUILD_OPTIONS_SAVE_MAPS"):
-            np.save(out / "maps_raw.npy", maps)
         if with_fp16:
             result.setdefault("fp16", {})[k] = fp16_study(maxcos[k], maxcos_in16[k], maps, scores, labels, masks, blur)
-    save_json(out / "score.json", result)
+    return result
+
+
+def stage_rescore(cache: Path, cfg: str, every: int) -> None:
+    """Metrics on every n-th test image from a full-test-set score run's cached per-patch maxima."""
+    out = cache / cfg
+    samples = category_test_set(DATA)
+    data = np.load(out / "test_patch.npz")
+    assert len(data["sumsq"]) == len(samples), "rescore needs a score run on the full test set"
+    keys = [k.split("_", 1)[1] for k in data.files if k.startswith("maxcos_")]
+    maxcos = {k: data[f"maxcos_{k}"][::every] for k in keys}
+    sumsq = data["sumsq"][::every]
+    result = score_variants(out, cfg, samples[::every], maxcos, {}, sumsq, np.zeros(len(sumsq), dtype=np.float32), False)
+    result["sumsq"]["max_abs_activation"] = None
+    result["subset_every"] = every
+    save_json(out / f"score_every{every}.json", result)
 
 
 def sumsq_stats(sumsq: np.ndarray, absmax: np.ndarray) -> dict:
@@ -369,7 +393,7 @@ def count_ops(model) -> dict:
     return dict(collections.Counter(n.op_type for n in model.graph.node))
 
 
-def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, batch: int = 8) -> None:
+def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_every: int = 2, batch: int = 8) -> None:
     import copy
 
     import onnx
@@ -430,12 +454,13 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, batch: 
     opt_info["fp16_profile_kernels"] = kernels
 
     samples = test_samples()
+    patch = np.load(out / "test_patch.npz")[f"maxcos_{variant}"]
+    assert len(patch) == len(samples), "score and e2e must use the same --test-every"
+    samples, patch = samples[::e2e_every], patch[::e2e_every]  # sorted by defect type: a stratified subset
     labels = np.array([s.label for s in samples])
     n = len(samples)
     # FP32 reference for every test image: the cached-feature path (the network's formula on the
     # very same features), checked against the torch module on every torch_every-th image.
-    patch = np.load(out / "test_patch.npz")[f"maxcos_{variant}"]
-    assert len(patch) == n, "score and e2e must use the same --test-every"
     ref_m = tail(-(patch - np.float32(1.0)), GaussianBlur(CROP, CROP))
     ref_s = ref_m.reshape(n, -1).max(axis=1)
     torch_idx = np.arange(0, n, torch_every)
@@ -466,7 +491,7 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, batch: 
             torch_s[s : s + len(x)] = sc.numpy()
     masks = test_masks(samples, prep)
     result = {"config": cfg, "prototypes": variant, "n_prototypes": int(len(protos)), "test_images": n,
-              "torch_images": int(len(torch_idx)), "export_seconds": t_export,
+              "torch_images": int(len(torch_idx)), "e2e_every": e2e_every, "torch_every": torch_every, "export_seconds": t_export,
               "graph_fp16": {"ops": graph16.ops, "casts": graph16.cast_targets,
                              "conv_dtypes": graph16.conv_dtypes, "problems": graph16.problems},
               "ort": opt_info, "runs": {}}
@@ -523,15 +548,21 @@ def stage_report(cache: Path, out: Path) -> None:
     fits = {c: _load(cache / c / "fit.json") for c in ("crop-bilinear", "squash-bilinear", "letterbox-bilinear", "crop-nearest")}
     scores = {c: _load(cache / c / "score.json") for c in fits}
     base = scores["crop-bilinear"]
-    add("### Prototype normalisation (crop, bilinear align)\n")
-    add("| prototypes | K | image AUROC % | pixel AUROC % | PRO (FPR<=0.3) % |")
-    add("|---|---:|---:|---:|---:|")
-    for c in fits:
-        if scores[c] is None:
+    # the side-by-side tables compare configurations on one test set: crop-bilinear re-scored on the subset
+    side = dict(scores)
+    sub = _load(cache / "crop-bilinear" / "score_every2.json")
+    if sub and any(v and v["test_images"] == sub["test_images"] for c, v in scores.items() if c != "crop-bilinear"):
+        side["crop-bilinear"] = sub
+    add("### Prototype normalisation\n")
+    add("| configuration | test images | prototypes | K | image AUROC % | pixel AUROC % | PRO (FPR<=0.3) % |")
+    add("|---|---:|---|---:|---:|---:|---:|")
+    rows = [("crop-bilinear", base)] + [(c, side[c]) for c in fits if side[c] is not base]
+    for c, sc in rows:
+        if sc is None:
             continue
         for k, label in (("raw", "raw cluster means (authors' code)"), ("norm", "re-normalised means")):
-            v = scores[c]["variants"][k]
-            add(f"| {c}: {label} | {fits[c]['prototypes']} | {_pct(v['image_auroc'])} | {_pct(v['pixel_auroc'])} | {_pct(v['pro'])} |")
+            v = sc["variants"][k]
+            add(f"| {c} | {sc['test_images']} | {label} | {fits[c]['prototypes']} | {_pct(v['image_auroc'])} | {_pct(v['pixel_auroc'])} | {_pct(v['pro'])} |")
     for c, f in fits.items():
         if f:
             add(f"\n{c}: {f['train_images']} train images, {f['patches']:,} patches x {f['dim']}, FINCH partitions {f['partition_sizes']} "
@@ -541,15 +572,15 @@ def stage_report(cache: Path, out: Path) -> None:
     add("Own frame: masks through the same transform as the images (crop: cropped masks; letterbox: padding counts as normal pixels). "
         "Common frame: every map mapped back onto the whole original image, resampled to 224x224 (the squash frame); "
         "for crop, pixels outside the crop get the test set's lowest score (never flagged).\n")
-    add("| mode | prototypes | image AUROC % | pixel AUROC % own | PRO % own | pixel AUROC % common | PRO % common | defect px (own frame) |")
-    add("|---|---|---:|---:|---:|---:|---:|---:|")
+    add("| mode | test images | prototypes | image AUROC % | pixel AUROC % own | PRO % own | pixel AUROC % common | PRO % common | defect px (own frame) |")
+    add("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for c in ("crop-bilinear", "squash-bilinear", "letterbox-bilinear"):
-        if scores[c] is None:
+        if side[c] is None:
             continue
         for k in ("raw", "norm"):
-            v = scores[c]["variants"][k]
-            add(f"| {c.split('-')[0]} | {k} | {_pct(v['image_auroc'])} | {_pct(v['pixel_auroc'])} | {_pct(v['pro'])} | "
-                f"{_pct(v['common_frame_pixel_auroc'])} | {_pct(v['common_frame_pro'])} | {scores[c]['defect_pixels']:,} |")
+            v = side[c]["variants"][k]
+            add(f"| {c.split('-')[0]} | {side[c]['test_images']} | {k} | {_pct(v['image_auroc'])} | {_pct(v['pixel_auroc'])} | {_pct(v['pro'])} | "
+                f"{_pct(v['common_frame_pixel_auroc'])} | {_pct(v['common_frame_pro'])} | {side[c]['defect_pixels']:,} |")
     if base and "crop_loss" in base:
         cl = base["crop_loss"]
         add(f"\nCentre crop (resize 256, crop 224) on the {cl['defective_images']} defective test images "
@@ -561,21 +592,21 @@ def stage_report(cache: Path, out: Path) -> None:
         for d, r in cl["by_type"].items():
             add(f"| {d} | {r['masks']} | {r['losing_pixels']} | {r['entirely_cropped']} |")
     add("\n### Align (crop)\n")
-    add("| align | prototypes | K | image AUROC % | pixel AUROC % | PRO % |")
-    add("|---|---|---:|---:|---:|---:|")
+    add("| align | test images | prototypes | K | image AUROC % | pixel AUROC % | PRO % |")
+    add("|---|---:|---|---:|---:|---:|---:|")
     for c in ("crop-bilinear", "crop-nearest"):
-        if scores[c] is None:
+        if side[c] is None:
             continue
         for k in ("raw", "norm"):
-            v = scores[c]["variants"][k]
-            add(f"| {c.split('-')[1]} | {k} | {fits[c]['prototypes']} | {_pct(v['image_auroc'])} | {_pct(v['pixel_auroc'])} | {_pct(v['pro'])} |")
+            v = side[c]["variants"][k]
+            add(f"| {c.split('-')[1]} | {side[c]['test_images']} | {k} | {fits[c]['prototypes']} | {_pct(v['image_auroc'])} | {_pct(v['pixel_auroc'])} | {_pct(v['pro'])} |")
     add("\n### FP16 (a): per-patch sum of squares over channels before the L2 norm\n")
     add("| backbone | patches | median | 99th pct | 99.9th pct | max | share > 65504 | max abs activation |")
     add("|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in fits:
         if scores[c]:
             q = scores[c]["sumsq"]
-            add(f"| efficientnet_lite0, ImageNet weights, {c}, all test images | {q['patches']:,} | {q['median']:.0f} | {q['p99']:.0f} | {q['p99_9']:.0f} | "
+            add(f"| efficientnet_lite0, ImageNet weights, {c}, {scores[c]['test_images']} test images | {q['patches']:,} | {q['median']:.0f} | {q['p99']:.0f} | {q['p99_9']:.0f} | "
                 f"{q['max']:.0f} | {q['share_over_fp16_max']:.2e} | {q['max_abs_activation']:.1f} |")
     wrn = _load(cache / "wrn.json")
     if wrn:
@@ -611,9 +642,9 @@ def stage_report(cache: Path, out: Path) -> None:
             ms = tm["ms_per_image"] if k == "torch_fp32" else r["ms_per_image"]
             add(f"| {label} | {_pct(r['image_auroc'])} | {_pct(r['pixel_auroc'])} | {_pct(r['pro'])} | {r['map_max_err_vs_fp32']:.2e} | "
                 f"{r['map_mean_err_vs_fp32']:.2e} | {r['score_max_err_vs_fp32']:.2e} | {ms:.0f} |")
-        add(f"\nErrors are against the FP32 reference on all {e['test_images']} images. The PyTorch FP32 row's metrics come from the cached-feature "
+        add(f"\nErrors are against the FP32 reference on {e['test_images']} test images (every {e.get('e2e_every', 1)}th of the test set, sorted by defect type, so stratified). The PyTorch FP32 row's metrics come from the cached-feature "
             f"computation (same PatchFeatures, same formula, network.GaussianBlur); the torch module itself ran on {e['torch_images']} images "
-            f"(every 4th) and matches it to {tm['map_max_err']:.1e} (map) / {tm['score_max_err']:.1e} (score); ONNX Runtime vs the torch "
+            f"(every {e.get('torch_every', 4)}th of these) and matches it to {tm['map_max_err']:.1e} (map) / {tm['score_max_err']:.1e} (score); ONNX Runtime vs the torch "
             f"module on those images: FP32 {e['runs']['ort_fp32']['map_max_err_vs_torch_module_subset']:.1e}, "
             f"FP16 {e['runs']['ort_fp16']['map_max_err_vs_torch_module_subset']:.1e}.")
         o = e["ort"]
@@ -638,14 +669,15 @@ def _ort_version() -> str:
 def main() -> None:
     global TRAIN_STEP, TEST_EVERY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("fit", "score", "wrn", "e2e", "report"))
+    ap.add_argument("stage", choices=("fit", "score", "rescore", "wrn", "e2e", "report"))
     ap.add_argument("config", nargs="?", default="crop-bilinear")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("BUILD_OPTIONS_CACHE", "/tmp/build_options_cache")))
     ap.add_argument("--fp16", action="store_true", help="score: also the FP16 rounding simulations")
     ap.add_argument("--variant", default="raw", help="e2e: prototypes raw|norm")
+    ap.add_argument("--e2e-every", type=int, default=2, help="e2e: every n-th test image for ONNX Runtime (default 2: 291 images)")
     ap.add_argument("--torch-every", type=int, default=4, help="e2e: run the torch module on every n-th test image")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "build_options_tables.md", help="report: output file")
-    ap.add_argument("--every", type=int, default=9, help="wrn: every n-th test image")
+    ap.add_argument("--every", type=int, default=9, help="wrn / rescore: every n-th test image")
     ap.add_argument("--train-step", type=int, default=8, help="every n-th train/good image (default 8)")
     ap.add_argument("--test-every", type=int, default=1, help="every n-th test image (default: all 582)")
     args = ap.parse_args()
@@ -658,10 +690,12 @@ def main() -> None:
         stage_score(args.cache, args.config, args.fp16)
     elif args.stage == "wrn":
         stage_wrn(args.cache, args.every)
+    elif args.stage == "rescore":
+        stage_rescore(args.cache, args.config, args.every)
     elif args.stage == "report":
         stage_report(args.cache, args.out)
     elif args.stage == "e2e":
-        stage_e2e(args.cache, args.config, args.variant, args.torch_every)
+        stage_e2e(args.cache, args.config, args.variant, args.torch_every, args.e2e_every)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 Run (heavy: hold the shared lock so runs do not overlap)::
 
-    flock /tmp/protoad-bench.lock python benchmarks/finch_scaling.py --out benchmarks/results/finch.md
+    flock /tmp/protoad-bench.lock python benchmarks/finch_scaling.py --out benchmarks/results/finch_run.json
 
 Features of the magnetic tile train set (762 images, efficientnet_lite0) and test set (582 images)
 are extracted once into ``--cache``. For each N a seeded uniform sample of train rows (the rule of
-``--max-train-patches``) is clustered by both implementations, each in its own subprocess so that
-peak RSS is per method. Reported: seconds, peak RSS, partition sizes, first-neighbour recall on
-a 20k subset against exact search, and the image AUROC of the prototypes (10,000 stop rule) on the
-test set, scored exactly as ``ProtoADNetwork`` scores (1 - max cos, bilinear upsample, blur, max).
+``--max-train-patches``) is clustered by both implementations, each in a fresh subprocess so that
+peak RSS and start-up costs (numba compilation for finch-clust) are per method. Reported:
+seconds, peak RSS, partition sizes, level-0 first-neighbour recall on 20k queries against exact
+search (a hit: the found neighbour is as similar as the exact one, within 1e-6), and the image
+AUROC of the prototypes (first partition under 10,000 clusters, raw means) on the 582 test images,
+scored as ``ProtoADNetwork`` scores: 1 - max cos, bilinear upsample to 224, Gaussian blur, max.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
+MAX_PROTOTYPES = 10_000
+RECALL_QUERIES = 20_000
 
 
 def extract(backbone: str, paths: list[Path], out: Path, weights: str | None = None) -> np.ndarray:
@@ -65,6 +70,171 @@ def cache_features(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return train, test, labels
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--cache-only"]:
-    cache_features(Path(sys.argv[2]))
-    sys.exit(0)
+def sample(cache: Path, n: int) -> np.ndarray:
+    """The ``--max-train-patches`` sample of the cached train features, read with plain file reads
+    block by block (no mapping), so the 0.8 GB file does not count in this process's peak RSS."""
+    from protoad_export.prototypes import sample_rows
+
+    path = cache / "train_effnet.npy"
+    full = np.load(path, mmap_mode="r")
+    total, dim, offset = len(full), full.shape[1], full.offset
+    del full
+    rows = sample_rows(total, n)
+    rows = np.arange(total) if rows is None else rows
+    out = np.empty((len(rows), dim), dtype=np.float16)
+    step = 65536
+    with open(path, "rb") as f:
+        for start in range(0, total, step):
+            lo, hi = np.searchsorted(rows, [start, start + step])
+            if hi > lo:
+                f.seek(offset + start * dim * 2)
+                block = np.fromfile(f, dtype=np.float16, count=min(step, total - start) * dim).reshape(-1, dim)
+                out[lo:hi] = block[rows[lo:hi] - start]
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM): unlike ru_maxrss it does not inherit the parent's peak
+    across fork + exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(method: str, cache: Path, n: int, out: Path) -> None:
+    """In a fresh process: cluster N sampled rows with one implementation, save prototypes + stats."""
+    x = sample(cache, n)
+    rss_before = peak_rss_mib()
+    if method == "ours":
+        from protoad_export.finch import finch
+
+        t0 = time.perf_counter()
+        r = finch(x, stop_below=MAX_PROTOTYPES)
+        seconds = time.perf_counter() - t0
+        sizes, protos, nn = r.partition_sizes, r.means, r.first_neighbours
+        extra = {"neighbour_methods": r.neighbour_methods, "seconds_per_level": [round(s, 2) for s in r.seconds]}
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import finch as fc
+        captured = []
+        original = fc.finch.clust_rank
+
+        def spy(*args, **kwargs):
+            result = original(*args, **kwargs)
+            captured.append(np.asarray(result[2]).copy())
+            return result
+
+        fc.finch.clust_rank = spy
+        t0 = time.perf_counter()
+        c, num_clust, _ = fc.FINCH(x.astype(np.float32), verbose=False)  # defaults, as a user calls it
+        seconds = time.perf_counter() - t0
+        sizes = [int(v) for v in num_clust]
+        # ProtoAD's rule on finch-clust's hierarchy: the first partition with fewer than 10,000 clusters.
+        level = next((i for i, k in enumerate(sizes) if k < MAX_PROTOTYPES), len(sizes) - 1)
+        labels = c[:, level]
+        from protoad_export.finch import cluster_means
+
+        protos = cluster_means(x, labels, int(labels.max()) + 1)
+        nn = captured[0]
+        extra = {"chosen_level": level}
+    np.save(out.with_suffix(".protos.npy"), protos.astype(np.float32))
+    np.save(out.with_suffix(".nn.npy"), np.asarray(nn, dtype=np.int64))
+    rss = peak_rss_mib()
+    out.write_text(json.dumps({"method": method, "n": n, "seconds": seconds, "partition_sizes": sizes,
+                               "prototypes": int(len(protos)), "peak_rss_mib": rss,
+                               "rss_before_mib": rss_before, **extra}))
+
+
+def exact_best(x: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Exact best similarity (self excluded) of rows ``queries`` of ``x`` against all of ``x``."""
+    from protoad_export.finch import _unit_matrix
+
+    u = torch.from_numpy(_unit_matrix(x))
+    best = torch.empty(len(queries))
+    for s in range(0, len(queries), 1024):
+        q = torch.from_numpy(queries[s : s + 1024])
+        sims = u[q] @ u.T
+        sims[torch.arange(len(q)), q] = -torch.inf
+        best[s : s + len(q)] = sims.max(dim=1).values
+    return best.numpy()
+
+
+def recall(x: np.ndarray, queries: np.ndarray, best: np.ndarray, nn: np.ndarray) -> float:
+    from protoad_export.finch import _unit_matrix
+
+    q = _unit_matrix(x[queries])
+    found = np.einsum("ij,ij->i", q, _unit_matrix(x[nn[queries]]))
+    return float(np.mean(found >= best - 1e-6))
+
+
+def image_auroc(protos: np.ndarray, test: np.ndarray, labels: np.ndarray, grid: int = 56, crop: int = 224) -> float:
+    """Image AUROC as the exported network scores: 1 - max cos to the raw prototypes, upsampled, blurred, max."""
+    from protoad_export.metrics import image_auroc as auroc
+    from protoad_export.network import GaussianBlur
+
+    blur = GaussianBlur(crop, crop)
+    p = torch.from_numpy(np.ascontiguousarray(protos, dtype=np.float32))
+    per_image = grid * grid
+    scores = np.empty(len(labels), dtype=np.float32)
+    with torch.no_grad():
+        for i in range(0, len(labels), 8):
+            f = torch.from_numpy(np.asarray(test[i * per_image : (i + 8) * per_image], dtype=np.float32))
+            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            nearest = (f @ p.T).amax(dim=1).view(-1, 1, grid, grid)
+            maps = blur(F.interpolate(1 - nearest, size=(crop, crop), mode="bilinear", align_corners=False))
+            scores[i : i + len(nearest)] = maps.amax(dim=(1, 2, 3)).numpy()
+    return auroc(labels, scores) * 100
+
+
+def table(run: dict) -> str:
+    """Markdown table of a run's rows, ours beside finch-clust for each N."""
+    lines = ["| N | implementation | seconds | peak RSS MiB (before) | partition sizes | first-nb recall | image AUROC % | level-0 search |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in run["rows"]:
+        how = ", ".join(r.get("neighbour_methods", [])) or "pynndescent k=2 / exact <= 20k"
+        lines.append(f"| {r['n']:,} | {r['method']} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | "
+                     f"{r['partition_sizes']} | {r['recall']:.4f} | {r['image_auroc']:.2f} | {how} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/finchbench"))
+    ap.add_argument("--sizes", default="20000,100000,300000")
+    ap.add_argument("--methods", default="ours,finch-clust")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finch_run.json"))
+    ap.add_argument("--table", type=Path, help="print the markdown table of a finished run's JSON")
+    ap.add_argument("--run", nargs=3, metavar=("METHOD", "N", "JSON"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
+    if args.run:
+        run_one(args.run[0], args.cache, int(args.run[1]), Path(args.run[2]))
+        return
+    _, test, labels = cache_features(args.cache)
+    rows = []
+    for n in (int(v) for v in args.sizes.split(",")):
+        x = sample(args.cache, n)
+        queries = np.sort(np.random.default_rng(1).choice(len(x), min(len(x), RECALL_QUERIES), replace=False))
+        best = exact_best(x, queries)
+        for method in args.methods.split(","):
+            out = args.cache / f"run_{method}_{n}.json"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--cache", str(args.cache), "--run", method, str(n), str(out)], check=True)
+            row = json.loads(out.read_text())
+            row["process_seconds"] = time.perf_counter() - t0
+            row["recall"] = recall(x, queries, best, np.load(out.with_suffix(".nn.npy")))
+            row["image_auroc"] = image_auroc(np.load(out.with_suffix(".protos.npy")), test, labels)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -179,3 +179,14 @@ def add_files_to_manifest(engine_dir: str | os.PathLike, names: list[str], updat
     manifest["files"] = files
     write_manifest(engine_dir, manifest)
     return manifest
+
+
+def load_array(engine_dir: str | os.PathLike, manifest: dict[str, Any], name: str):
+    """Verify a listed ``.npy`` file and load it without ever unpickling (object arrays are refused)."""
+    import numpy as np
+
+    path = verify_file(engine_dir, manifest, name)
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: refused ({exc}); engine files never hold pickles") from None

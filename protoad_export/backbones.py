@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -76,8 +77,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"weights file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for non-checkpoints and pickles with code
-        raise InputError(f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"{path}: not a loadable weights file (it holds pickled Python objects, not only tensors; "
+            "weights are read with torch.load(weights_only=True))"
+        ) from None
+    except Exception as exc:  # torch raises several types for files that are not checkpoints
+        raise InputError(f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -128,7 +128,8 @@ def compare(name: str, precision: str, maps: np.ndarray, scores: np.ndarray, ref
     map_err = np.abs(maps.astype(np.float64) - ref_maps)
     score_err = np.abs(scores.astype(np.float64) - ref_scores)
     failures = []
-    if not np.isfinite(maps).all() or not np.isfinite(scores).all():
+    finite = bool(np.isfinite(maps).all() and np.isfinite(scores).all())
+    if not finite:
         failures.append("non-finite outputs")
     ok_maps = bool(np.all(map_err <= atol + rtol * np.abs(ref_maps)))
     ok_scores = bool(np.all(score_err <= atol + rtol * np.abs(ref_scores)))
@@ -136,7 +137,7 @@ def compare(name: str, precision: str, maps: np.ndarray, scores: np.ndarray, ref
         failures.append(f"map error {map_err.max():.3g} > atol {atol:g} + rtol {rtol:g} x |ref|")
     if not ok_scores:
         failures.append(f"score error {score_err.max():.3g} > atol {atol:g} + rtol {rtol:g} x |ref|")
-    img, pix = _aurocs(images, maps, scores) if not failures or np.isfinite(maps).all() else (None, None)
+    img, pix = _aurocs(images, maps, scores) if finite else (None, None)
     drops = [r - v for r, v in zip(ref_aurocs, (img, pix)) if r is not None and v is not None]
     drop = max(drops) if drops else None
     if drop is not None and drop > auroc_tol:
@@ -278,9 +279,9 @@ def bench(
             paths = [images.paths[i % len(images.paths)] for i in range(b)]
             batch = preprocess_paths(paths, manifest)
             for name, rt in timed.items():
-                max_batch = getattr(rt, "max_batch", None)
-                if max_batch is not None and b > max_batch:
-                    report["skipped"][f"{name}@{b}"] = f"batch {b} exceeds the engine profile's maximum {max_batch}"
+                lo, hi = getattr(rt, "min_batch", 1), getattr(rt, "max_batch", None)
+                if b < lo or (hi is not None and b > hi):
+                    report["skipped"][f"{name}@{b}"] = f"batch {b} is outside the engine's profile {lo}..{hi}"
                     continue
                 res = time_runtime(rt, batch, name, warmup, iterations, min_seconds)
                 report["speed"].append(res.to_dict())

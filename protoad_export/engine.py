@@ -111,7 +111,7 @@ def network_flags(trt) -> int:
 
 def _parser_error_text(error) -> str:
     # node_name / node_operator exist since TensorRT 10.0 (IParserError::nodeName, nodeOperator).
-    desc = str(error.desc()).strip()
+    desc = " ".join(str(error.desc()).split())  # the CLI prints one line
     node = error.node()
     name = error.node_name() if hasattr(error, "node_name") else ""
     op = error.node_operator() if hasattr(error, "node_operator") else ""
@@ -130,7 +130,7 @@ def parse_onnx(trt, network, logger, path: Path) -> None:
     if count == 0:
         raise ArtifactError(f"TensorRT could not parse {path.name} (no parser error was reported)")
     first = _parser_error_text(parser.get_error(0))
-    more = f" (and {count - 1} more errors)" if count > 1 else ""
+    more = f" (+{count - 1} more parser errors)" if count > 1 else ""
     raise ArtifactError(f"TensorRT cannot parse {path.name} at {first}{more}")
 
 
@@ -194,11 +194,14 @@ def compile_engine(
     config.add_optimization_profile(profile)
 
     # The timing cache lives beside the engines and is not listed in the manifest: it changes with
-    # every build and only speeds builds up, a stale or foreign one is merely ignored by TensorRT.
+    # every build and only speeds builds up.
     cache_path = engine_dir / TIMING_CACHE
     blob = cache_path.read_bytes() if cache_path.is_file() else b""
     cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, True)  # ignore_mismatch: a cache from another GPU/version is dropped
+    # ignore_mismatch=False: timings from another GPU or TensorRT version must not steer tactic
+    # choice here; such a cache is refused and the build starts from an empty one.
+    if not config.set_timing_cache(cache, False):
+        config.set_timing_cache(config.create_timing_cache(b""), False)
 
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import metrics
-from .artifacts import atomic_write_json, read_manifest
+from .artifacts import atomic_write_json
 from .errors import InputError
 from .images import LabelledImage, category_test_set, load_mask, training_images
 from .thresholds import evenly_spaced, manifest_threshold
@@ -301,17 +301,3 @@ def format_table(report: dict) -> str:
         lines.append(f"at threshold {t['threshold']:.4f}: false-reject rate {100 * t['false_reject_rate']:.1f} %, "
                      f"detection rate {100 * t['detection_rate']:.1f} %")
     return "\n".join(lines)
-
-
-def load_report(path: str | Path) -> dict:
-    """Read an evaluation JSON (for scripts and the benchmark)."""
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-def engine_summary(engine_dir: str | Path) -> dict:
-    """Prototype count and train info of an engine, for reports."""
-    m = read_manifest(engine_dir, verify=False)
-    return {"prototypes": m["prototypes"]["count"], "train_images": m["train"]["images"],
-            "train_patches": m["train"]["patches"], "holdout": m.get("holdout", {}).get("count", 0)}

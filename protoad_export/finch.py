@@ -3,14 +3,17 @@
 Each level links every point to its first neighbour (cosine); the connected components of that
 graph (j = k_i, k_j = i or k_i = k_j, which is weak connectivity of the i -> k_i graph) are the
 clusters. The next level repeats on the cluster means, which are always the means over the
-original points (merged from the previous level's sums, so the data is read once). ProtoAD stops
-at the first partition with fewer than ``stop_below`` clusters.
+original points (size-weighted means of the previous level's means, so only level 0 reads
+the data). ProtoAD stops at the first partition with fewer than ``stop_below`` clusters.
 
 First neighbours, at every level: exact blocked matrix products on a GPU (FP16 products, the best
-candidates re-scored in FP32) or on a CPU for small N; above ``EXACT_CPU_LIMIT`` points on a CPU a
-faiss IVF index (inner product on unit vectors) whose parameters were chosen by measured recall
-(``benchmarks/results/finch.md``). Nothing of size N x N is ever held, and a disk-backed input is
-read in chunks whose pages are released after use, so resident memory stays far below its size.
+candidates re-scored in FP32) or on a CPU for small N; above ``EXACT_CPU_LIMIT`` points on a CPU an
+IVF search (faiss spherical k-means lists, searched list by list as dense products) whose nprobe
+is calibrated at run time against exact search on a sample (``benchmarks/results/finch.md``
+shows why fixed parameters fail). Nothing of size N x N is ever held; a disk-backed input is read
+in chunks whose mapped pages are released after use, so memory is the packed lists (FP32 up to
+``IVF_FLAT_BYTES``, else FP16: the size of the build's FP16 features) plus the cluster means plus
+one chunk.
 """
 
 from __future__ import annotations
@@ -28,19 +31,27 @@ from scipy.sparse.csgraph import connected_components
 from .errors import InputError
 
 NEIGHBOUR_METHODS = ("auto", "exact", "approx")
-# Above this many points a CPU uses the IVF index: exact search costs N^2 * C, IVF about
-# N * 2 * sqrt(nprobe * N) * C plus training; measured crossover ~20k on 2 cores (finch.md).
+# Up to this many points a CPU searches exactly (N^2 * C at BLAS speed); above, an IVF index
+# whose nprobe is calibrated at run time to a measured first-neighbour recall (finch.md).
 EXACT_CPU_LIMIT = 20_000
-# IVF parameters, chosen by first-neighbour recall on magnetic tile features (finch.md): recall
-# >= 0.99 at 100k and 2.4M points. nlist ~ sqrt(nprobe * N) balances coarse and fine search.
-IVF_NPROBE = 8
-IVF_TRAIN_PER_LIST = 40
-IVF_KMEANS_ITERATIONS = 10
+RECALL_TARGET = 0.99
+RECALL_PROBES = 1000  # standard error of the recall estimate near 0.99: 0.3 points
+IVF_LISTS_PER_ROOT = 2  # nlist = 2 sqrt(N)
+IVF_TRAIN_PER_LIST = 20
+IVF_KMEANS_ITERATIONS = 8
+# Past this share of lists, gathers and small products make the IVF no cheaper than exact search;
+# above EXACT_FALLBACK_LIMIT points exact search takes many minutes on 2 cores, so the IVF keeps
+# the nprobe that IVF_SCAN_FLOPS allows (a few minutes) and reports its recall instead.
+MAX_PROBE_SHARE = 1 / 4
+EXACT_FALLBACK_LIMIT = 100_000
+IVF_SCAN_FLOPS = 6e12
+IVF_FLAT_BYTES = 4 << 30  # list storage in FP32 up to this size, FP16 beyond
 # Candidates re-scored in FP32 after FP16 products: FP16 inputs carry ~2^-12 relative error, so
 # close neighbours can swap order; the true winner is found unless more than this many
 # candidates land within that error of it.
 RECHECK_CANDIDATES = 8
 _CHUNK_BYTES = 1 << 26  # float32 bytes per chunk of rows read from the data
+_BLOCK_ELEMENTS = 1 << 24  # similarities per block of exact products (64 MiB in FP32)
 
 
 def _chunk_rows(x: np.ndarray) -> int:
@@ -55,10 +66,10 @@ def _release_pages(x: np.ndarray) -> None:
 
 
 def _unit_rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
-    block = np.asarray(x[start:stop], dtype=np.float32)
+    block = np.array(x[start:stop], dtype=np.float32)
     _release_pages(x)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    return block / np.maximum(norms, 1e-12)
+    block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    return block
 
 
 def _unit_matrix(x: np.ndarray) -> np.ndarray:
@@ -67,14 +78,15 @@ def _unit_matrix(x: np.ndarray) -> np.ndarray:
 
 
 def block_first_neighbours(
-    queries: torch.Tensor, base: torch.Tensor, offset: int, low_precision: torch.dtype | None = None
+    queries: torch.Tensor, base: torch.Tensor, offset: int, low_precision: torch.dtype | None = None,
+    base_low: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best match in ``base`` (unit rows, FP32) for ``queries`` = ``base[offset:offset+B]``, self excluded.
 
     With ``low_precision`` (FP16 on CUDA) the products run in that dtype and the top
     ``RECHECK_CANDIDATES`` of each row are re-scored in FP32, so the returned similarity is exact
     and the winner is exact up to FP16 ties beyond that many candidates. Works on any device, so
-    the GPU logic is testable on a CPU.
+    the GPU logic is testable on a CPU. ``base_low``: ``base`` already cast (saves a cast per block).
     """
     b = len(queries)
     rows = torch.arange(b, device=queries.device)
@@ -86,7 +98,9 @@ def block_first_neighbours(
     # cos - 1 instead of cos (bias added in the FP32 accumulator before rounding): values near
     # 0 keep FP16's relative precision, where cos near 1 would round to steps of 4.9e-4.
     shift = torch.full((1, 1), -1.0, dtype=low_precision, device=queries.device).expand(b, len(base))
-    s = torch.addmm(shift, queries.to(low_precision), base.to(low_precision).T)
+    if base_low is None:
+        base_low = base.to(low_precision)
+    s = torch.addmm(shift, queries.to(low_precision), base_low.T)
     s[rows, rows + offset] = -torch.inf
     k = min(RECHECK_CANDIDATES, len(base) - 1)
     cand = s.topk(k, dim=1).indices
@@ -100,12 +114,13 @@ def block_first_neighbours(
 
 
 def exact_first_neighbours(
-    x: np.ndarray, device: torch.device | str = "cpu", block_elements: int = 1 << 24,
+    x: np.ndarray, device: torch.device | str = "cpu", block_elements: int | None = None,
     low_precision: torch.dtype | None | str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact first neighbour (excluding self) of every row by cosine: (indices int64, similarities).
 
-    Products are taken in blocks of ``block_elements`` entries, so memory is O(N * C + block).
+    Products are taken in blocks of ``block_elements`` entries (default ``_BLOCK_ELEMENTS``), so
+    memory is O(N * C + block).
     ``low_precision="auto"``: FP16 products + FP32 re-check on CUDA, plain FP32 on a CPU.
     """
     device = torch.device(device)
@@ -114,14 +129,21 @@ def exact_first_neighbours(
     n = len(x)
     if n < 2:
         raise InputError("FINCH needs at least two points")
-    base = torch.from_numpy(_unit_matrix(x)).to(device)
+    # Filled chunk by chunk, so the host never holds an FP32 copy when the base lives on a GPU.
+    base = torch.empty((n, x.shape[1]), dtype=torch.float32, device=device)
+    step = _chunk_rows(x)
+    for start in range(0, n, step):
+        base[start : start + step] = torch.from_numpy(_unit_rows(x, start, start + step))
+    base_low = base.to(low_precision) if low_precision is not None else None
+    # A GPU wants far larger blocks than a CPU cache does (kernel launches, not memory, limit it).
+    block_elements = block_elements or (_BLOCK_ELEMENTS * 16 if device.type == "cuda" else _BLOCK_ELEMENTS)
     rows = max(1, min(n, block_elements // n))
     idx = np.empty(n, dtype=np.int64)
     sim = np.empty(n, dtype=np.float32)
     with torch.no_grad():
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            top, val = block_first_neighbours(base[start:stop], base, start, low_precision)
+            top, val = block_first_neighbours(base[start:stop], base, start, low_precision, base_low)
             idx[start:stop] = top.cpu().numpy()
             sim[start:stop] = val.float().cpu().numpy()
     return idx, sim
@@ -129,7 +151,7 @@ def exact_first_neighbours(
 
 def _exact_for_some(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact first neighbours of a few ``rows`` of ``x`` against all of it, streaming ``x``."""
-    q = torch.from_numpy(_unit_matrix(x[rows]) if len(rows) else np.zeros((0, x.shape[1]), np.float32))
+    q = torch.from_numpy(_unit_sample(x, rows))
     best = torch.full((len(rows),), -torch.inf)
     arg = torch.zeros(len(rows), dtype=torch.int64)
     own = torch.from_numpy(rows)
@@ -144,61 +166,126 @@ def _exact_for_some(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return arg.numpy(), best.numpy()
 
 
-def approx_first_neighbours(
-    x: np.ndarray, nprobe: int = IVF_NPROBE, nlist: int | None = None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """First neighbours from a faiss IVF inner-product index on unit vectors, stored in FP16.
+def _lists_of(rows: np.ndarray, centroids: torch.Tensor, p: int) -> np.ndarray:
+    """The ``p`` lists whose centroids are most similar to each unit row, best first."""
+    return (torch.from_numpy(rows) @ centroids.T).topk(p, dim=1).indices.numpy().astype(np.int32)
 
-    FP16 storage (``IndexIVFScalarQuantizer``) halves the index (the build's features are FP16
-    already); the similarities it returns carry FP16 rounding (~1e-4). Rows go in and out in
-    chunks, so a disk-backed input is never converted whole. The rare point whose probed lists
-    hold nothing but itself gets an exact search.
+
+def _scan_lists(packed: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray, lists: np.ndarray,
+                best: np.ndarray, arg: np.ndarray) -> None:
+    """For each list, the queries that probe it (``lists`` [Q, p]) against its members, as dense
+    products; ``best``/``arg`` (packed positions) keep each query's best so far."""
+    q_of = np.repeat(np.arange(len(query_pos)), lists.shape[1])
+    by_list = np.argsort(lists.ravel(), kind="stable")
+    q_sorted = q_of[by_list]
+    starts = np.searchsorted(lists.ravel()[by_list], np.arange(len(bounds)))
+    for lst in range(len(bounds) - 1):
+        lo, hi = bounds[lst], bounds[lst + 1]
+        qs = q_sorted[starts[lst] : starts[lst + 1]]
+        if hi == lo or not len(qs):
+            continue
+        members = packed[lo:hi].float()
+        step = max(1, _BLOCK_ELEMENTS // (hi - lo))
+        for s in range(0, len(qs), step):
+            sub = qs[s : s + step]
+            pos = query_pos[sub]
+            sims = packed[torch.from_numpy(pos)].float() @ members.T
+            own = np.flatnonzero((pos >= lo) & (pos < hi))
+            sims[torch.from_numpy(own), torch.from_numpy(pos[own] - lo)] = -torch.inf
+            val, top = sims.max(dim=1)
+            val, top = val.numpy(), top.numpy()
+            better = val > best[sub]
+            best[sub[better]] = val[better]
+            arg[sub[better]] = top[better] + lo
+
+
+def approx_first_neighbours(
+    x: np.ndarray, nprobe: int | None = None, nlist: int | None = None, seed: int = 0,
+    target: float = RECALL_TARGET,
+) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """First neighbours by an inverted-file (IVF) search run as dense products.
+
+    Spherical k-means (faiss) cuts the unit vectors into ``nlist`` lists; each point is compared
+    with the members of the ``nprobe`` lists whose centroids are most similar to it, as a
+    standard IVF does, but list by list as one matrix product with all the queries that probe
+    that list (BLAS speed: 1.6x faster than faiss's per-query scans at 100k points on 2 cores,
+    same candidates; finch.md). Without ``nprobe`` it is
+    calibrated: ``RECALL_PROBES`` sampled points get an exact search, and nprobe doubles until an
+    equally good neighbour is found for a ``target`` share of them. Returns ``None`` when that
+    needs more than ``MAX_PROBE_SHARE`` of the lists (exact products are then as cheap); above
+    ``EXACT_FALLBACK_LIMIT`` points the nprobe that ``IVF_SCAN_FLOPS`` allows is kept instead
+    and its recall reported. Also returns ``{"nlist", "nprobe", "recall"}``.
     """
     import faiss
 
     n, dim = x.shape
-    nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, int(round(math.sqrt(nprobe * n)))))
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = IVF_KMEANS_ITERATIONS
-    index.cp.seed = seed
+    nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))))
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))
-    index.train(_unit_sample(x, sample))
+    kmeans = faiss.Kmeans(dim, nlist, niter=IVF_KMEANS_ITERATIONS, seed=seed, spherical=True, min_points_per_centroid=1)
+    kmeans.train(_unit_sample(x, np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))))
+    centroids = torch.from_numpy(kmeans.centroids)
     step = _chunk_rows(x)
-    for start in range(0, n, step):
-        index.add(_unit_rows(x, start, start + step))
-    index.nprobe = nprobe
-    idx = np.empty(n, dtype=np.int64)
-    sim = np.empty(n, dtype=np.float32)
-    for start in range(0, n, step):
-        q = _unit_rows(x, start, start + step)
-        d, i = index.search(q, 2)
-        own = np.arange(start, start + len(q))[:, None]
-        # Skip the point itself (usually, but with duplicates not always, the first hit).
-        keep = (i != own) & (i >= 0)
-        first = keep.argmax(axis=1)
-        pick = np.arange(len(q))
-        idx[start : start + len(q)] = np.where(keep[pick, first], i[pick, first], -1)
-        sim[start : start + len(q)] = d[pick, first]
-    del index
-    missing = np.flatnonzero(idx < 0)
+    home = np.concatenate([_lists_of(_unit_rows(x, s, s + step), centroids, 1)[:, 0] for s in range(0, n, step)])
+    order = np.argsort(home, kind="stable")  # packed position -> row
+    bounds = np.searchsorted(home[order], np.arange(nlist + 1))
+    where = np.empty(n, dtype=np.int64)  # row -> packed position
+    where[order] = np.arange(n)
+    del home
+    # FP32 when it fits (exact products), else FP16 (half the memory, products off by ~1e-4).
+    packed = torch.empty((n, dim), dtype=torch.float32 if n * dim * 4 <= IVF_FLAT_BYTES else torch.float16)
+    for s in range(0, n, step):
+        packed[torch.from_numpy(where[s : s + step])] = torch.from_numpy(_unit_rows(x, s, s + step)).to(packed.dtype)
+    per_list = n / nlist
+    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_FLOPS / (2 * n * per_list * dim))))
+    estimate = None
+    if nprobe is None:
+        probes = np.sort(rng.choice(n, size=min(n, RECALL_PROBES), replace=False))
+        _, exact = _exact_for_some(x, probes)
+        top = min(nlist, 2 * cap)
+        plists = _lists_of(_unit_sample(x, probes), centroids, top)
+        best = np.full(len(probes), -np.inf, dtype=np.float32)
+        arg = np.zeros(len(probes), dtype=np.int64)
+        done, nprobe = 0, 1
+        while True:
+            _scan_lists(packed, bounds, where[probes], plists[:, done:nprobe], best, arg)
+            done = nprobe
+            estimate = float(np.mean(best >= exact - 1e-6))
+            if estimate >= target or nprobe >= nlist:
+                break
+            if 2 * nprobe > cap:
+                if n <= EXACT_FALLBACK_LIMIT:
+                    return None
+                break
+            nprobe = min(nlist, 2 * nprobe)
+    nprobe = min(nprobe, nlist)
+    best = np.full(n, -np.inf, dtype=np.float32)
+    arg = np.zeros(n, dtype=np.int64)
+    for s in range(0, n, 1 << 20):  # bounded [rows, nprobe] list table
+        rows = np.arange(s, min(n, s + (1 << 20)))
+        lists = np.concatenate([_lists_of(_unit_rows(x, c, min(c + step, rows[-1] + 1)), centroids, nprobe)
+                                for c in range(rows[0], rows[-1] + 1, step)])
+        sub_best, sub_arg = best[rows], arg[rows]
+        _scan_lists(packed, bounds, where[rows], lists, sub_best, sub_arg)
+        best[rows], arg[rows] = sub_best, sub_arg
+    idx = order[arg]
+    missing = np.flatnonzero(~np.isfinite(best))  # alone in every probed list
     if len(missing):
-        idx[missing], sim[missing] = _exact_for_some(x, missing)
-    return idx, sim
+        idx[missing], best[missing] = _exact_for_some(x, missing)
+    return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate}
 
 
 def _unit_sample(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Unit rows ``x[rows]`` (sorted) read chunk by chunk, releasing the mapped pages as it goes."""
-    out = []
+    """Unit rows ``x[rows]`` (``rows`` ascending) read chunk by chunk, releasing the mapped pages
+    as it goes: scattered reads through a mapping fault in whole 64 KiB runs around each row."""
+    block = np.empty((len(rows), x.shape[1]), dtype=np.float32)
     step = _chunk_rows(x)
     for start in range(0, len(x), step):
         lo, hi = np.searchsorted(rows, [start, start + step])
         if hi > lo:
-            out.append(np.asarray(x[rows[lo:hi]], dtype=np.float32))
+            block[lo:hi] = x[rows[lo:hi]]
             _release_pages(x)
-    block = np.concatenate(out)
-    return block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+    return block
 
 
 def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, str]:
@@ -210,7 +297,11 @@ def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device |
         raise InputError("FINCH needs at least two points")
     if method == "exact" or (method == "auto" and (device.type == "cuda" or len(x) <= EXACT_CPU_LIMIT)):
         return (*exact_first_neighbours(x, device), "exact")
-    return (*approx_first_neighbours(x), "approx")
+    found = approx_first_neighbours(x)
+    if found is None:  # the recall target needs most lists: exact products are cheaper
+        return (*exact_first_neighbours(x, device), "exact")
+    idx, sim, info = found
+    return idx, sim, f"ivf {info['nprobe']}/{info['nlist']} recall~{info['recall']:.3f}"
 
 
 def _add_rows(sums: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:
@@ -251,6 +342,7 @@ class FinchResult:
     means: np.ndarray
     partition_sizes: list[int]
     levels: list[np.ndarray] = field(default_factory=list)
+    first_neighbours: np.ndarray | None = None  # level 0, kept to measure recall
     neighbour_methods: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
@@ -282,7 +374,7 @@ def finch(
     labels, count = _components(nn_idx)
     counts = np.bincount(labels, minlength=count).astype(np.float64)
     means = cluster_means(data, labels, count)
-    result = FinchResult(labels, means, [count], [labels] if keep_levels else [], [how], [time.perf_counter() - t0])
+    result = FinchResult(labels, means, [count], [labels] if keep_levels else [], nn_idx, [how], [time.perf_counter() - t0])
     if log:
         log(f"FINCH level 0: {count:,} clusters ({how} neighbours, {result.seconds[-1]:.1f} s)")
     while stop_below is None or count >= stop_below:

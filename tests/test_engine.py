@@ -81,6 +81,7 @@ def test_compile_10x_uses_strongly_typed_flag_and_no_fp16_flag(monkeypatch, engi
     assert called(trt, "config.builder_optimization_level=") == [(4,)]
     assert called(trt, "parse_from_file") == [(str(engine_copy / "model.fp16.onnx"),)]
     assert called(trt, "create_timing_cache") == [(b"",)]
+    assert called(trt, "set_timing_cache") == [(False,)]  # a foreign cache must not steer tactics
 
     manifest = read_manifest(engine_copy, verify=True)
     name = f"model.fp16.{FAKE_SLUG}.engine"
@@ -256,3 +257,31 @@ def test_real_tensorrt_engine_matches_onnxruntime(engine_copy):
     atol, rtol = DEFAULT_TOLERANCES["fp16"]
     np.testing.assert_allclose(maps, ref_maps, atol=atol, rtol=rtol)
     np.testing.assert_allclose(scores, ref_scores, atol=atol, rtol=rtol)
+
+
+def test_trtexec_style_timing_runs_the_three_steps(compiled, monkeypatch):
+    """time_gpu's control flow on the CPU: events stand in for CUDA events, graph capture fails and is reported."""
+    import time
+
+    from protoad_export.bench_timing import time_gpu
+
+    class WallClockEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", WallClockEvent)
+    trt, engine_dir = compiled
+    memory = CpuMemory()
+    trt.compute = fake_model(memory)
+    rt = engine.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
+    images = np.zeros((2, 3, rt.crop, rt.crop), np.float32)
+    res = time_gpu(rt, images, "tensorrt", warmup=1, iterations=3, cuda_graph=True)
+    assert res.batch == 2 and res.iterations >= 3 and res.compute is not None and res.h2d is not None
+    assert res.compute_throughput > 0 and not res.cuda_graph and "CUDA graph capture failed" in res.notes[0]
+    assert len(called(trt, "execute_async_v3")) >= 1 + 3 + 3

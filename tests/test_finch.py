@@ -97,21 +97,35 @@ def test_recheck_fixes_a_near_tie_fp16_cannot_separate():
     assert RECHECK_CANDIDATES >= 2
 
 
-def test_ivf_first_neighbours_recall():
+def test_ivf_calibrates_nprobe_to_the_recall_target():
     x = clustered(12_000, dim=32, centres=200, noise=0.2, seed=6)
-    exact_idx, exact_sim = exact_first_neighbours(x)
+    _, exact_sim = exact_first_neighbours(x)
     for data in (x, x.astype(np.float16)):
-        idx, sim = approx_first_neighbours(data)
+        unit = data.astype(np.float32)
+        unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+        _, best = exact_first_neighbours(unit)
+        idx, sim, info = approx_first_neighbours(data, target=0.99)
         assert (idx != np.arange(len(x))).all() and (idx >= 0).all()
-        found = np.einsum("ij,ij->i", x, x[idx])
-        recall = np.mean(found >= exact_sim - 1e-3 * (data.dtype == np.float16) - 1e-6)
-        assert recall >= 0.99
+        recall = np.mean(np.einsum("ij,ij->i", unit, unit[idx]) >= best - 1e-6)
+        assert info["recall"] >= 0.99 and recall >= 0.98, (info, recall)
+        assert info["nprobe"] <= info["nlist"] / 4
+
+
+def test_ivf_gives_way_to_exact_when_recall_needs_most_lists(monkeypatch):
+    from protoad_export import finch as finch_module
+
+    x = np.random.default_rng(8).normal(size=(6000, 64)).astype(np.float32)  # no structure at all
+    assert approx_first_neighbours(x) is None
+    monkeypatch.setattr(finch_module, "EXACT_CPU_LIMIT", 100)
+    idx, _, how = first_neighbours(x)
+    assert how == "exact"
 
 
 def test_ivf_never_returns_self_or_missing():
     # Duplicated points and tiny lists: the fallback exact search fills any point left alone.
     x = np.repeat(clustered(500, dim=16, seed=7), 2, axis=0)
-    idx, _ = approx_first_neighbours(x, nprobe=1, nlist=40)
+    idx, _, info = approx_first_neighbours(x, nprobe=1, nlist=40)
+    assert info["recall"] is None
     assert (idx != np.arange(len(x))).all() and (idx >= 0).all()
 
 

@@ -30,11 +30,11 @@ def predicted(engine_with_threshold, small_category, tmp_path_factory):
     # Midway between the hold-out score and the top test score, so both decisions occur.
     from protoad_export.runtime import load, predict_paths
 
-    paths = sorted((small_category / "test").glob("*/*.png"))
+    paths = sorted((small_category / "test").glob("*/*.jpg"))
     scores = predict_paths(load(engine_with_threshold), paths).scores
     threshold = float(np.median(scores))
     add_files_to_manifest(engine_with_threshold, [], {"threshold": {"value": threshold, "method": "manual"}})
-    results = predict(engine_with_threshold, [small_category / "test" / "good", str(small_category / "test" / "c*" / "*.png"),
+    results = predict(engine_with_threshold, [small_category / "test" / "good", str(small_category / "test" / "c*" / "*.jpg"),
                                               small_category / "test" / "blowhole"], out)
     return results, out, threshold
 
