@@ -7,15 +7,17 @@ Stages (each caches its results under ``--cache`` and writes ``<cache>/<stage>.j
   score    CONFIG   one pass over the test set: pre-norm sum-of-squares statistics, max cosine per
                     patch for each prototype variant (and the FP16 simulations for --fp16), then
                     the network's own tail (bilinear upsample + GaussianBlur) and the metrics
+  rescore  CONFIG   metrics on every n-th test image from a full score run's cached values (--every)
   wrn               sum-of-squares statistics of wide_resnet50_2 with random weights (a proxy)
   e2e      CONFIG   the real ProtoADNetwork: torch FP32 vs ONNX Runtime FP32 vs ONNX Runtime FP16
-  report            render benchmarks/results/build_options.md from the JSON files
+  report            render the tables of benchmarks/results/build_options.md from the JSON files
 
-CONFIG is ``<mode>-<align>``, e.g. ``crop-bilinear``. Example (2 cores):
+CONFIG is ``<mode>-<align>``, e.g. ``crop-bilinear``. ``benchmarks/build_options_run.sh`` runs
+every stage as used for ``benchmarks/results/build_options.md`` (about 30 min on 2 cores), e.g.:
 
   flock /tmp/protoad-bench.lock python benchmarks/build_options.py fit crop-bilinear
   flock /tmp/protoad-bench.lock python benchmarks/build_options.py score crop-bilinear --fp16
-  python benchmarks/build_options.py report
+  python benchmarks/build_options.py report --out /tmp/tables.md
 
 Scoring on cached per-patch maxima is exact for the network's formula: the conv + channel max
 only needs max_k <u, p_k> per patch; upsample, blur and score use network.GaussianBlur and
@@ -642,9 +644,9 @@ def stage_report(cache: Path, out: Path) -> None:
             ms = tm["ms_per_image"] if k == "torch_fp32" else r["ms_per_image"]
             add(f"| {label} | {_pct(r['image_auroc'])} | {_pct(r['pixel_auroc'])} | {_pct(r['pro'])} | {r['map_max_err_vs_fp32']:.2e} | "
                 f"{r['map_mean_err_vs_fp32']:.2e} | {r['score_max_err_vs_fp32']:.2e} | {ms:.0f} |")
-        add(f"\nErrors are against the FP32 reference on {e['test_images']} test images (every {e.get('e2e_every', 1)}th of the test set, sorted by defect type, so stratified). The PyTorch FP32 row's metrics come from the cached-feature "
+        add(f"\nErrors are against the FP32 reference on {e['test_images']} test images (1 in {e.get('e2e_every', 1)} of the test set, sorted by defect type, so stratified). The PyTorch FP32 row's metrics come from the cached-feature "
             f"computation (same PatchFeatures, same formula, network.GaussianBlur); the torch module itself ran on {e['torch_images']} images "
-            f"(every {e.get('torch_every', 4)}th of these) and matches it to {tm['map_max_err']:.1e} (map) / {tm['score_max_err']:.1e} (score); ONNX Runtime vs the torch "
+            f"(1 in {e.get('torch_every', 4)} of these) and matches it to {tm['map_max_err']:.1e} (map) / {tm['score_max_err']:.1e} (score); ONNX Runtime vs the torch "
             f"module on those images: FP32 {e['runs']['ort_fp32']['map_max_err_vs_torch_module_subset']:.1e}, "
             f"FP16 {e['runs']['ort_fp16']['map_max_err_vs_torch_module_subset']:.1e}.")
         o = e["ort"]

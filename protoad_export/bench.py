@@ -72,7 +72,7 @@ class Fidelity:
 
 def load_test_images(manifest: dict, data: str | Path | None, limit: int | None = None) -> TestImages:
     """``data`` (an MVTec-style category or a folder of images), else the manifest's ``test_data``."""
-    from .images import Preprocessing, category_test_set, is_mvtec_category, list_images, load_mask
+    from .images import Preprocessing, category_test_set, is_mvtec_category, list_images, mask_for
 
     if data is None:
         data = manifest.get("test_data")
@@ -90,10 +90,7 @@ def load_test_images(manifest: dict, data: str | Path | None, limit: int | None 
             # An even spread over the sorted set keeps both normal and defective images in a subset.
             idx = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).round().astype(int))
             samples = [samples[i] for i in idx]
-        crop = prep.crop
-        masks = np.stack([
-            prep.mask_array(load_mask(s.mask_path)) if s.mask_path else np.zeros((crop, crop), bool) for s in samples
-        ])
+        masks = np.stack([mask_for(s, prep) for s in samples])
         labels = np.array([s.label for s in samples])
         return TestImages([s.path for s in samples], str(data), labels, masks)
     paths = list_images(data)

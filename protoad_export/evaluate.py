@@ -26,7 +26,7 @@ import numpy as np
 from . import metrics
 from .artifacts import atomic_write_json
 from .errors import InputError
-from .images import LabelledImage, category_test_set, load_mask, training_images
+from .images import LabelledImage, category_test_set, mask_for, training_images
 from .thresholds import evenly_spaced, manifest_threshold
 
 BASELINES = ("knn",)
@@ -51,8 +51,7 @@ def load_test_set(data: str | Path, prep) -> TestSet:
     samples = category_test_set(data, require_masks=False)
     masks = np.zeros((len(samples), prep.crop, prep.crop), dtype=bool)
     for i, s in enumerate(samples):
-        if s.mask_path is not None:
-            masks[i] = prep.mask_array(load_mask(s.mask_path))
+        masks[i] = mask_for(s, prep)  # scaled to its image first, then the image's geometry
     labels = np.array([s.label for s in samples])
     pixel_ok = (labels == 0) | masks.any(axis=(1, 2))
     if labels.all() or not labels.any():

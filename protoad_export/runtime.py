@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .artifacts import read_manifest, verify_file
+from .artifacts import load_array, read_manifest, verify_file
 from .errors import InputError, MissingDependencyError
 from .images import Preprocessing, load_image
 
@@ -58,7 +58,7 @@ def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str =
     if backbone.weights_sha256 != info["weights_sha256"]:
         raise InputError(f"backbone weights {weights} differ from those the engine was built with (sha256)")
     prep = preprocessing(manifest)
-    protos = np.load(verify_file(engine_dir, manifest, manifest["prototypes"]["file"]), allow_pickle=False)
+    protos = load_array(engine_dir, manifest, manifest["prototypes"]["file"])
     grid = patch_grid(prep.crop, backbone.spec.strides[0])
     return ProtoADNetwork(PatchFeatures(backbone.module, manifest["align"], grid), protos, prep, precision).eval()
 

@@ -114,7 +114,7 @@ def test_ivf_calibrates_nprobe_to_the_recall_target():
 def test_ivf_gives_way_to_exact_when_recall_needs_most_lists(monkeypatch):
     from protoad_export import finch as finch_module
 
-    x = np.random.default_rng(8).normal(size=(6000, 64)).astype(np.float32)  # no structure at all
+    x = np.random.default_rng(8).normal(size=(3000, 64)).astype(np.float32)  # no structure at all
     assert approx_first_neighbours(x) is None
     monkeypatch.setattr(finch_module, "EXACT_CPU_LIMIT", 100)
     idx, _, how = first_neighbours(x)

@@ -19,7 +19,7 @@ from . import BatchProfile, handle_errors, main
               help="FINCH stops at the first partition with fewer clusters.")
 @click.option("--align", default="bilinear", show_default=True, type=click.Choice(["bilinear", "nearest"]),
               help="How stages 2-3 are resized to the stage-1 grid (paper: bilinear; authors' code: nearest).")
-@click.option("--normalize-prototypes/--raw-prototypes", default=False, show_default=True,
+@click.option("--normalize-prototypes/--raw-prototypes", default=True, show_default=True,
               help="Re-normalise cluster means (true cosine) or keep raw means (authors' code).")
 @click.option("--resize-mode", default="crop", show_default=True, type=click.Choice(["crop", "squash", "letterbox"]))
 @click.option("--resize", default=256, show_default=True, type=click.IntRange(min=32))
