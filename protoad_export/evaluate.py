@@ -26,7 +26,7 @@ import numpy as np
 from . import metrics
 from .artifacts import atomic_write_json
 from .errors import InputError
-from .images import LabelledImage, category_test_set, mask_for, training_images
+from .images import LabelledImage, category_test_set, image_size, mask_for, training_images
 from .thresholds import evenly_spaced, manifest_threshold
 
 BASELINES = ("knn",)
@@ -40,6 +40,7 @@ class TestSet:
     labels: np.ndarray  # int [N]
     masks: np.ndarray  # bool [N, S, S]
     pixel_ok: np.ndarray  # bool [N]: usable for pixel metrics
+    valid: np.ndarray  # bool [N, S, S]: pixels of the part (False on letterbox padding)
 
     @property
     def defects(self) -> list[str]:
@@ -50,13 +51,15 @@ def load_test_set(data: str | Path, prep) -> TestSet:
     """The category's test images, labels and masks through ``prep`` (the engine's geometry)."""
     samples = category_test_set(data, require_masks=False)
     masks = np.zeros((len(samples), prep.crop, prep.crop), dtype=bool)
+    valid = np.zeros_like(masks)
     for i, s in enumerate(samples):
         masks[i] = mask_for(s, prep)  # scaled to its image first, then the image's geometry
+        valid[i] = prep.valid_mask(*image_size(s.path))
     labels = np.array([s.label for s in samples])
     pixel_ok = (labels == 0) | masks.any(axis=(1, 2))
     if labels.all() or not labels.any():
         raise InputError(f"{data}: evaluation needs both good and defective test images")
-    return TestSet(samples, labels, masks, pixel_ok)
+    return TestSet(samples, labels, masks, pixel_ok, valid)
 
 
 def _metrics_for(test: TestSet, select: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict:
@@ -65,8 +68,9 @@ def _metrics_for(test: TestSet, select: np.ndarray, scores: np.ndarray, maps: np
            "image_auroc": metrics.image_auroc(labels, scores[select])}
     pix = select & test.pixel_ok
     if test.masks[pix].any():
-        out["pixel_auroc"] = metrics.pixel_auroc(test.masks[pix], maps[pix])
-        out["pro"] = metrics.pro_score(test.masks[pix], maps[pix])
+        # Letterbox padding is no part of the product: it must not count as easy normal pixels.
+        out["pixel_auroc"] = metrics.pixel_auroc(test.masks[pix], maps[pix], test.valid[pix])
+        out["pro"] = metrics.pro_score(test.masks[pix], maps[pix], valid=test.valid[pix])
     else:
         out["pixel_auroc"] = out["pro"] = None
     out["pixel_images"] = int(pix.sum())

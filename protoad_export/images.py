@@ -88,6 +88,16 @@ class Preprocessing:
         canvas.paste(resized, offset)
         return canvas
 
+    def valid_mask(self, width: int, height: int) -> np.ndarray:
+        """bool [crop, crop]: output pixels that come from the image (False on letterbox padding)."""
+        valid = np.zeros((self.crop, self.crop), dtype=bool)
+        (w, h), _, (left, top) = self.geometry(width, height)
+        if self.mode == "letterbox":
+            valid[top : top + h, left : left + w] = True
+        else:
+            valid[:] = True
+        return valid
+
     def image_array(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 [3, crop, crop] in [0, 1] (mean/std are applied inside the network)."""
         arr = np.asarray(self.apply(image), dtype=np.float32) / 255.0

@@ -139,18 +139,29 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
-    """Pixel-level AUROC over all pixels of all images.
+def _valid(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if valid is None:
+        return None
+    valid = np.asarray(valid, dtype=bool).reshape(shape) if np.size(valid) == int(np.prod(shape)) else None
+    if valid is None:
+        raise InputError(f"the valid-pixel mask must have the maps' shape {shape}")
+    return valid
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Pixel-level AUROC over all pixels of all images (or only where ``valid``, e.g. not letterbox padding).
 
     ``masks`` is bool [N,H,W] (0/1 and 0..255 masks are binarised as in :func:`resize_mask`),
     ``maps`` float [N,H,W] of the same shape. Memory is linear in the number of pixels.
     Raises :class:`InputError` if no pixel, or every pixel, is defective.
     """
     masks, maps = _masks_and_maps(masks, maps)
-    truth = masks.ravel()
+    keep = _valid(valid, maps.shape)
+    truth, values = (masks, maps) if keep is None else (masks[keep], maps[keep])
+    truth = truth.ravel()
     if truth.all() or not truth.any():
         raise InputError("pixel AUROC needs both defective and normal pixels in the masks")
-    return float(roc_auc_score(truth, maps.ravel()))
+    return float(roc_auc_score(truth, values.ravel()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,13 +206,18 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # PRO
 
 
-def _region_setup(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Per-pixel ``normal`` flags and region weights ``1/|region|``; region and normal counts."""
+def _region_setup(masks: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Per-pixel ``normal`` flags and region weights ``1/|region|``; region and normal counts.
+
+    Pixels outside ``valid`` (padding that is not part of the image) are neither normal nor defective.
+    """
     labelled, n_regions = ndimage.label(masks, structure=_STRUCTURE_8)
     if n_regions == 0:
         raise InputError("PRO needs at least one defect region, but every mask is empty")
     labelled = labelled.ravel()
     normal = labelled == 0
+    if valid is not None:
+        normal &= valid.ravel()
     n_normal = int(np.count_nonzero(normal))
     if n_normal == 0:
         raise InputError("PRO needs normal pixels, but the masks cover every pixel")
@@ -237,7 +253,7 @@ def _curve_from_bins(
     return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: np.ndarray, maps: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The exact PRO curve: ``(fpr, pro)``, fpr ascending, from (0, 0) to (1, 1).
 
     One point per distinct score ``t`` (plus the (0, 0) start), with the pixels ``>= t`` counted as
@@ -246,15 +262,15 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     The curve can hold repeated fpr values (vertical steps), as in the MVTec AD reference code.
     """
     masks, maps = _masks_and_maps(masks, maps)
-    normal, weights, n_regions, n_normal = _region_setup(masks)
+    normal, weights, n_regions, n_normal = _region_setup(masks, _valid(valid, maps.shape))
     thresholds, bins = np.unique(maps.ravel(), return_inverse=True)
     return _curve_from_bins(bins.ravel(), thresholds.size, normal, weights, n_regions, n_normal)
 
 
 def _approx_pro_curve(
-    masks: np.ndarray, maps: np.ndarray, num_thresholds: int
+    masks: np.ndarray, maps: np.ndarray, num_thresholds: int, valid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    normal, weights, n_regions, n_normal = _region_setup(masks)
+    normal, weights, n_regions, n_normal = _region_setup(masks, _valid(valid, maps.shape))
     scores = maps.ravel()
     # "inverted_cdf" returns actual pixel scores, so every point lies exactly on the exact curve;
     # q = 0 yields the minimum score, the threshold that switches on every pixel (point (1, 1)).
@@ -288,8 +304,12 @@ def pro_score(
     maps: np.ndarray,
     max_fpr: float = 0.3,
     num_thresholds: int | None = None,
+    valid: np.ndarray | None = None,
 ) -> float:
     """Normalised area under the PRO curve up to ``max_fpr`` (AU-PRO); 1.0 for a perfect map.
+
+    ``valid`` (bool, the maps' shape) leaves pixels out of the false-positive count, e.g. the
+    letterbox padding, which is no part of the product and would make every map look better.
 
     ``masks`` bool [N,H,W] (defect-free images have empty masks and add normal pixels only),
     ``maps`` float [N,H,W]. Exact by default (see :func:`pro_curve`). With ``num_thresholds``, the
@@ -304,14 +324,14 @@ def pro_score(
     if not 0.0 < max_fpr <= 1.0:
         raise InputError(f"max_fpr must be in (0, 1], got {max_fpr}")
     if num_thresholds is None:
-        fpr, pro = pro_curve(masks, maps)
+        fpr, pro = pro_curve(masks, maps, valid)
     else:
         if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, (int, np.integer)):
             raise InputError(f"num_thresholds must be an integer, got {num_thresholds!r}")
         if num_thresholds < 2:
             raise InputError(f"num_thresholds must be at least 2, got {num_thresholds}")
         masks, maps = _masks_and_maps(masks, maps)
-        fpr, pro = _approx_pro_curve(masks, maps, int(num_thresholds))
+        fpr, pro = _approx_pro_curve(masks, maps, int(num_thresholds), valid)
     return _partial_area(fpr, pro, max_fpr) / max_fpr
 
 

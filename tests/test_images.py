@@ -161,3 +161,11 @@ def test_fuzz_loading_never_raises_anything_but_input_error(tmp_path, data, cut,
         except InputError:
             continue
         assert img.mode == "RGB"
+
+
+def test_valid_mask_marks_the_letterbox_padding():
+    prep = Preprocessing(mode="letterbox")
+    valid = prep.valid_mask(600, 200)
+    drawn = prep.image_array(Image.new("RGB", (600, 200), (255, 255, 255)))[0] > 0.5
+    assert (valid == drawn).all() and 0 < valid.mean() < 0.5
+    assert Preprocessing(mode="squash").valid_mask(600, 200).all()

@@ -491,3 +491,22 @@ def test_evaluate_still_rejects_inconsistent_inputs() -> None:
         evaluate([1, 1], [0.2, 0.3, 0.4])
     with pytest.raises(InputError, match="anomaly maps"):
         evaluate([0, 1], [0.2, 0.3], np.zeros((3, 4, 4)), np.zeros((3, 4, 4)))
+
+
+def test_pixels_outside_valid_are_left_out():
+    """Letterbox padding: pixels that are no part of the image count neither as normal nor defective."""
+    from protoad_export.metrics import pixel_auroc, pro_score
+
+    masks = np.zeros((1, 4, 4), bool)
+    masks[0, 1, 1] = True
+    maps = np.zeros((1, 4, 4))
+    maps[0, 1, 1] = 0.5
+    maps[0, 2, 2] = 0.9  # a false alarm inside the part
+    valid = np.zeros((1, 4, 4), bool)
+    valid[0, :3, :3] = True  # row 3 and column 3 are padding
+    # 8 valid normal pixels, one above the defect: AUROC = 7/8 (padding would add 7 easy ones).
+    assert pixel_auroc(masks, maps, valid) == pytest.approx(7 / 8)
+    assert pixel_auroc(masks, maps) == pytest.approx(14 / 15)
+    # The defect switches on at FPR 1/8 with valid, 1/15 without: less area under PRO with valid.
+    assert pro_score(masks, maps, max_fpr=1.0, valid=valid) < pro_score(masks, maps, max_fpr=1.0)
+    assert pro_score(masks, maps, max_fpr=1.0, valid=valid) == pytest.approx(1 - 1 / 8)
