@@ -32,9 +32,8 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np

@@ -14,7 +14,7 @@ import numpy as np
 
 from .artifacts import load_array, read_manifest, verify_file
 from .errors import InputError, MissingDependencyError
-from .images import Preprocessing, load_image
+from .images import Preprocessing, load_batch
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -199,8 +199,7 @@ def load(engine_dir: str | Path, backend: str = "onnxruntime", precision: str | 
 
 def preprocess_paths(paths: Sequence[Path], manifest: dict) -> np.ndarray:
     """Decode and preprocess image files exactly as the engine was built: float32 [B, 3, S, S]."""
-    prep = preprocessing(manifest)
-    return np.stack([prep.image_array(load_image(p)) for p in paths])
+    return load_batch(paths, preprocessing(manifest))
 
 
 @dataclass
