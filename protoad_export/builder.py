@@ -31,6 +31,7 @@ from .images import Preprocessing, image_size, is_mvtec_category, training_image
 from .network import ProtoADNetwork, patch_grid
 from .onnx_export import inspect_graph, export_onnx
 from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, sample_rows
+from .thresholds import score_holdout, split_holdout
 
 MIN_TRAIN_IMAGES = 5
 MAX_SKIPPED_SHARE = 0.1
@@ -150,8 +151,6 @@ def build(
     paths = training_images(data)
     if len(paths) < MIN_TRAIN_IMAGES:
         raise InputError(f"{len(paths)} normal images found in {data}; at least {MIN_TRAIN_IMAGES} are needed")
-    from .thresholds import score_holdout, split_holdout
-
     paths, held_out = split_holdout(paths, config.holdout, MIN_TRAIN_IMAGES)
     device = resolve_device(config.device)
     prep = config.preprocessing

@@ -96,7 +96,9 @@ def score_holdout(network, paths: Sequence[Path], prep, share: float, device, ba
             arrays.append((Path(p).name, prep.image_array(load_image(p))))
         except InputError:
             skipped.append(Path(p).name)
-    dev = next(network.buffers()).device
+    # ONNX export leaves the network on the CPU; score on the build's device (the GPU when there is one).
+    dev = torch.device(device) if device is not None else next(network.buffers()).device
+    network = network.to(dev)
     with torch.no_grad():
         for start in range(0, len(arrays), batch_size):
             chunk = arrays[start : start + batch_size]
