@@ -98,8 +98,9 @@ def _decode(path: Path, prep: Preprocessing) -> np.ndarray | InputError:
         return exc
 
 
-def _load_batches(paths: Sequence[Path], prep: Preprocessing, batch_size: int, workers: int):
+def load_batches(paths: Sequence[Path], prep: Preprocessing, batch_size: int, workers: int | None = None):
     """Yield (paths, decoded arrays or errors), decoding the next batch while the model runs."""
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = None
@@ -155,9 +156,8 @@ def extract_features(
     row = 0
     used: list[Path] = []
     skipped: list[tuple[Path, str]] = []
-    workers = max(1, min(4, (os.cpu_count() or 1)))
     with handle, tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for chunk, decoded in _load_batches(list(paths), prep, batch_size, workers):
+        for chunk, decoded in load_batches(list(paths), prep, batch_size):
             good = [(p, a) for p, a in zip(chunk, decoded) if not isinstance(a, InputError)]
             skipped += [(p, str(a)) for p, a in zip(chunk, decoded) if isinstance(a, InputError)]
             if good:

@@ -15,7 +15,8 @@ Two ways to set the threshold:
   true FRR given the observed rejects, which shows how little a small hold-out proves.
 * ``f1``: given labelled test images, the threshold maximising F1 of the defective class; the
   candidates are midpoints between consecutive distinct scores (ties: the highest threshold wins,
-  i.e. fewer false rejects).
+  i.e. fewer false rejects). The F1 it reports is measured on the images it was chosen on, so it
+  is optimistic; an unbiased figure needs other labelled images (``eval``).
 """
 
 from __future__ import annotations
@@ -85,27 +86,22 @@ def score_holdout(network, paths: Sequence[Path], prep, share: float, device, ba
     """
     import torch
 
-    from .images import load_image
+    from .features import load_batches
 
     scores: list[float] = []
     used: list[str] = []
     skipped: list[str] = []
-    arrays: list[tuple[str, np.ndarray]] = []
-    for p in paths:
-        try:
-            arrays.append((Path(p).name, prep.image_array(load_image(p))))
-        except InputError:
-            skipped.append(Path(p).name)
     # ONNX export leaves the network on the CPU; score on the build's device (the GPU when there is one).
     dev = torch.device(device) if device is not None else next(network.buffers()).device
     network = network.to(dev)
     with torch.no_grad():
-        for start in range(0, len(arrays), batch_size):
-            chunk = arrays[start : start + batch_size]
-            x = torch.from_numpy(np.stack([a for _, a in chunk])).to(dev)
-            _, s = network(x)
-            scores += s.float().cpu().tolist()
-            used += [name for name, _ in chunk]
+        for chunk, decoded in load_batches(list(paths), prep, batch_size):
+            good = [(Path(p).name, a) for p, a in zip(chunk, decoded) if not isinstance(a, InputError)]
+            skipped += [Path(p).name for p, a in zip(chunk, decoded) if isinstance(a, InputError)]
+            if good:
+                _, s = network(torch.from_numpy(np.stack([a for _, a in good])).to(dev))
+                scores += s.float().cpu().tolist()
+                used += [name for name, _ in good]
     return {
         "share": float(share),
         "rule": HOLDOUT_RULE,

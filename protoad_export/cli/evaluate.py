@@ -66,7 +66,8 @@ def calibrate(engine_dir, target_frr, data, backend, quiet) -> None:
             click.echo(f"  warning: {d['normal_scores']} scores cannot resolve a {100 * d['target_frr']:.2f} % FRR; "
                        "the largest hold-out score is used (build with more images or a larger --holdout)")
     else:
-        click.echo(f"  F1 {d['f1']:.3f}, precision {d['precision']:.3f}, recall {d['recall']:.3f} on {d['images']} images")
+        click.echo(f"  F1 {d['f1']:.3f}, precision {d['precision']:.3f}, recall {d['recall']:.3f} on {d['images']} images "
+                   "(the images the threshold was chosen on: evaluate on other images for an unbiased figure)")
 
 
 @main.command("predict")
