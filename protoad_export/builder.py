@@ -29,6 +29,7 @@ from .errors import InputError
 from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
 from .images import Preprocessing, image_size, is_mvtec_category, training_images
 from .network import ProtoADNetwork, patch_grid
+from .runtime import similarity_batch
 from .onnx_export import inspect_graph, export_onnx
 from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, sample_rows
 from .thresholds import score_holdout, split_holdout
@@ -219,7 +220,8 @@ def build(
 
         t0 = time.perf_counter()
         # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
-        holdout = score_holdout(network, held_out, prep, config.holdout, device, config.batch_size)
+        batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size)  # bounded memory
+        holdout = score_holdout(network, held_out, prep, config.holdout, device, batch)
         timings["holdout"] = time.perf_counter() - t0
 
         log("[4/4] manifest")

@@ -183,8 +183,9 @@ def _run(predictor, manifest: dict, paths: Sequence[Path], batch_size: int, prog
     """Predict all paths in batches; returns (maps, scores, seconds) with decoding included in the time."""
     from tqdm.auto import tqdm
 
-    from .runtime import preprocess_paths
+    from .runtime import fitting_batch, preprocess_paths
 
+    batch_size = fitting_batch(manifest, batch_size)
     maps, scores = [], []
     t0 = time.perf_counter()
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:

@@ -103,10 +103,11 @@ def predict(
     """Score files, folders and globs with an engine and write the pictures and tables to ``out_dir``."""
     from tqdm.auto import tqdm
 
-    from .runtime import load, preprocessing
+    from .runtime import fitting_batch, load, preprocessing
 
     paths = collect_images(items)
     runtime = load(engine_dir, backend, precision, device)
+    batch_size = fitting_batch(runtime.manifest, batch_size)
     value, source = resolve_threshold(runtime.manifest, threshold)
     if value <= 0:
         raise InputError(f"threshold must be positive (scores are 1 - cosine), got {value}")

@@ -18,6 +18,10 @@ from .images import Preprocessing, load_batch
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# The network's largest intermediate is the prototype similarity, batch x K x h x w FP32: 5.2 GB
+# at batch 8 with 51k prototypes, and a 51k-prototype eval at batch 8 was killed for memory at
+# 24 GB (ONNX Runtime's arena keeps such buffers). Batches are cut to keep it under this.
+SIMILARITY_BUDGET_BYTES = 2 << 30
 
 
 class Runtime(Protocol):
@@ -211,9 +215,22 @@ class Predictions:
     scores: np.ndarray
 
 
+def similarity_batch(prototypes: int, grid: Sequence[int], batch_size: int) -> int:
+    """``batch_size``, cut so the batch's prototype-similarity tensor fits ``SIMILARITY_BUDGET_BYTES``."""
+    per_image = int(prototypes) * int(grid[0]) * int(grid[1]) * 4
+    return max(1, min(batch_size, SIMILARITY_BUDGET_BYTES // per_image))
+
+
+def fitting_batch(manifest: dict, batch_size: int) -> int:
+    """:func:`similarity_batch` for an engine directory's manifest."""
+    return similarity_batch(manifest["prototypes"]["count"], manifest["train"]["grid"], batch_size)
+
+
 def predict_paths(runtime: Runtime, paths: Sequence[Path], batch_size: int = 8, progress: bool = False) -> Predictions:
-    """Run a list of image files through a runtime in batches."""
+    """Run a list of image files through a runtime in batches (cut by :func:`fitting_batch`)."""
     from tqdm.auto import tqdm
+
+    batch_size = fitting_batch(runtime.manifest, batch_size)
 
     maps, scores = [], []
     with tqdm(total=len(paths), unit="img", disable=not progress, leave=False) as bar:

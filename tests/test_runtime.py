@@ -8,7 +8,7 @@ import pytest
 from protoad_export.bench import DEFAULT_TOLERANCES
 from protoad_export.errors import InputError, MissingDependencyError
 from protoad_export.images import category_test_set
-from protoad_export.runtime import load, predict_paths, preprocess_paths
+from protoad_export.runtime import SIMILARITY_BUDGET_BYTES, fitting_batch, load, predict_paths, preprocess_paths
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,15 @@ def test_tampered_file_is_refused(small_engine, tmp_path):
         handle.write(b"\0")
     with pytest.raises(ArtifactError, match="sha256"):
         load(copy, "onnxruntime")
+
+
+def test_batches_are_cut_to_the_similarity_budget():
+    # The prototype-similarity tensor (batch x K x 56 x 56 FP32) is the network's largest
+    # intermediate: a 51k-prototype engine at batch 8 needs 5.2 GB of it and was once OOM-killed.
+    def manifest(k):
+        return {"train": {"grid": [56, 56]}, "prototypes": {"count": k}}
+
+    assert fitting_batch(manifest(3_000), 8) == 8
+    big = fitting_batch(manifest(51_361), 8)
+    assert 1 <= big < 8 and big * 51_361 * 56 * 56 * 4 <= SIMILARITY_BUDGET_BYTES
+    assert fitting_batch(manifest(10_000_000), 8) == 1  # never below one image
