@@ -29,9 +29,9 @@ from .errors import InputError
 from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
 from .images import Preprocessing, image_size, is_mvtec_category, training_images
 from .network import ProtoADNetwork, patch_grid
-from .runtime import similarity_batch
 from .onnx_export import inspect_graph, export_onnx
 from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, sample_rows
+from .runtime import similarity_batch
 from .thresholds import score_holdout, split_holdout
 
 MIN_TRAIN_IMAGES = 5
