@@ -183,9 +183,8 @@ def _run(predictor, manifest: dict, paths: Sequence[Path], batch_size: int, prog
     """Predict all paths in batches; returns (maps, scores, seconds) with decoding included in the time."""
     from tqdm.auto import tqdm
 
-    from .runtime import fitting_batch, preprocess_paths
+    from .runtime import preprocess_paths
 
-    batch_size = fitting_batch(manifest, batch_size)
     maps, scores = [], []
     t0 = time.perf_counter()
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
@@ -216,7 +215,7 @@ def evaluate_engine(
     Returns the report dict (also written to ``out_dir/evaluation.json`` with the plots when
     ``out_dir`` is given). Images per second include decoding and preprocessing.
     """
-    from .runtime import load, preprocessing
+    from .runtime import fitting_batch, load, preprocessing
 
     log = log or (lambda _m: None)
     if baseline is not None and baseline not in BASELINES:
@@ -226,7 +225,8 @@ def evaluate_engine(
     test = load_test_set(data, preprocessing(manifest))
     paths = [s.path for s in test.samples]
     log(f"evaluating {len(paths)} test images ({', '.join(test.defects)} + good) with {backend}")
-    maps, scores, secs = _run(runtime, manifest, paths, batch_size, progress, "ProtoAD")
+    # The prototype-similarity tensor bounds ProtoAD's batch; the kNN blocks its own search.
+    maps, scores, secs = _run(runtime, manifest, paths, fitting_batch(manifest, batch_size), progress, "ProtoAD")
     protos = manifest["prototypes"]
     methods = {"protoad": {
         "metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),

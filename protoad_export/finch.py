@@ -275,7 +275,7 @@ def approx_first_neighbours(
     arg = np.zeros(n, dtype=np.int64)
     for s in range(0, n, 1 << 20):  # bounded [rows, nprobe] list table
         rows = np.arange(s, min(n, s + (1 << 20)))
-        lists = ranked[rows[0] : rows[-1] + 1, :nprobe]
+        lists = ranked[s : s + len(rows), :nprobe]
         sub_best, sub_arg = best[rows], arg[rows]
         _scan_lists(packed, bounds, where[rows], lists, sub_best, sub_arg)
         best[rows], arg[rows] = sub_best, sub_arg
