@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from protoad_export import metrics
-from protoad_export.backbones import load_backbone
+from protoad_export.backbones import get_spec, load_backbone
 from protoad_export.features import FeatureExtractor, Normalize, PatchFeatures, extract_features, l2_normalize
 from protoad_export.images import Preprocessing, category_test_set, load_batch, load_mask, training_images
 from protoad_export.network import GaussianBlur, ProtoADNetwork, patch_grid
@@ -66,8 +66,8 @@ def parse_config(cfg: str) -> tuple[str, str]:
     return mode, align
 
 
-def prep_for(mode: str) -> Preprocessing:
-    return Preprocessing(resize=256, crop=CROP, mode=mode)
+def prep_for(mode: str, backbone: str = "efficientnet_lite0") -> Preprocessing:
+    return get_spec(backbone).preprocessing(Preprocessing(resize=256, crop=CROP, mode=mode))
 
 
 def train_paths() -> list[Path]:
@@ -356,7 +356,7 @@ def fp16_study(mc: np.ndarray, mc_in16: np.ndarray, ref_maps, ref_scores, labels
 
 def stage_wrn(cache: Path, every: int) -> None:
     """wide_resnet50_2 with random (seeded) weights: per-patch sum of squares on real test images."""
-    prep = prep_for("crop")
+    prep = prep_for("crop", "wide_resnet50_2")
     samples = category_test_set(DATA)[::every]
     pf = patch_module("bilinear", "wide_resnet50_2", "random")
     norm = Normalize(prep.mean, prep.std)

@@ -2,7 +2,7 @@
 
 Run (heavy: hold the shared lock so runs do not overlap)::
 
-    flock /tmp/protoad-bench.lock python benchmarks/finch_scaling.py --out benchmarks/results/finch_run.json
+    flock /tmp/protoad-bench.lock python benchmarks/finch_scaling.py --seeds 0,1,2,3,4 --out benchmarks/results/finch_run.json
 
 Features of the magnetic tile train set (762 images, efficientnet_lite0) and test set (582 images)
 are extracted once into ``--cache``. For each N a seeded uniform sample of train rows (the rule of
@@ -14,6 +14,12 @@ AUROC of the prototypes (first partition under 10,000 clusters, re-normalised me
 makes them) on the 582 test images, scored as ``ProtoADNetwork`` scores: 1 - max cos, bilinear
 upsample to 224, Gaussian blur, max. Each implementation is timed twice in its process: the first
 call pays start-up costs (numba compilation for finch-clust), the second does not.
+
+``exact`` (this project's FINCH with exact first neighbours, up to ``--exact-up-to`` points) is the
+reference both approximate searches are judged against: its prototypes are true FINCH's. Image
+AUROC differences between two sets of prototypes are noisy (which rows are sampled moves them by
+tenths of a point), so ``--seeds`` repeats the sizes in ``--seeded-sizes`` on several samples and
+``--table`` prints the mean and spread of the differences.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ def extract(backbone: str, paths: list[Path], out: Path, weights: str | None = N
     from protoad_export.network import patch_grid
 
     if not out.exists():
-        prep = Preprocessing()
         bb = load_backbone(backbone, weights)
+        prep = bb.spec.preprocessing(Preprocessing())
         grid = patch_grid(prep.crop, bb.spec.strides[0])
         tmp = out.with_suffix(".part.npy")
         t0 = time.perf_counter()
@@ -72,7 +78,7 @@ def cache_features(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return train, test, labels
 
 
-def sample(cache: Path, n: int) -> np.ndarray:
+def sample(cache: Path, n: int, seed: int = 0) -> np.ndarray:
     """The ``--max-train-patches`` sample of the cached train features, read with plain file reads
     block by block (no mapping), so the 0.8 GB file does not count in this process's peak RSS."""
     from protoad_export.prototypes import sample_rows
@@ -81,7 +87,7 @@ def sample(cache: Path, n: int) -> np.ndarray:
     full = np.load(path, mmap_mode="r")
     total, dim, offset = len(full), full.shape[1], full.offset
     del full
-    rows = sample_rows(total, n)
+    rows = sample_rows(total, n, seed)
     rows = np.arange(total) if rows is None else rows
     out = np.empty((len(rows), dim), dtype=np.float16)
     step = 65536
@@ -104,19 +110,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(method: str, cache: Path, n: int, out: Path) -> None:
+def run_one(method: str, cache: Path, n: int, seed: int, out: Path) -> None:
     """In a fresh process: cluster N sampled rows with one implementation, save prototypes + stats."""
-    x = sample(cache, n)
+    x = sample(cache, n, seed)
     rss_before = peak_rss_mib()
-    if method == "ours":
+    if method in ("ours", "exact"):
         from protoad_export.finch import finch
 
+        how = "auto" if method == "ours" else "exact"
         t0 = time.perf_counter()
-        r = finch(x, stop_below=MAX_PROTOTYPES)
+        r = finch(x, stop_below=MAX_PROTOTYPES, method=how)
         seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        finch(x, stop_below=MAX_PROTOTYPES)
-        warm = time.perf_counter() - t0
+        warm = float("nan")
+        if method == "ours":  # the reference is not timed twice
+            t0 = time.perf_counter()
+            finch(x, stop_below=MAX_PROTOTYPES)
+            warm = time.perf_counter() - t0
         sizes, protos, nn = r.partition_sizes, r.means, r.first_neighbours
         extra = {"neighbour_methods": r.neighbour_methods, "seconds_per_level": [round(s, 2) for s in r.seconds]}
     else:
@@ -153,7 +162,7 @@ def run_one(method: str, cache: Path, n: int, out: Path) -> None:
     np.save(out.with_suffix(".protos.npy"), protos.astype(np.float32))
     np.save(out.with_suffix(".nn.npy"), np.asarray(nn, dtype=np.int64))
     rss = peak_rss_mib()
-    out.write_text(json.dumps({"method": method, "n": n, "seconds": seconds, "warm_seconds": warm, "partition_sizes": sizes,
+    out.write_text(json.dumps({"method": method, "n": n, "seed": seed, "seconds": seconds, "warm_seconds": warm, "partition_sizes": sizes,
                                "prototypes": int(len(protos)), "peak_rss_mib": rss,
                                "rss_before_mib": rss_before, **extra}))
 
@@ -201,13 +210,38 @@ def image_auroc(protos: np.ndarray, test: np.ndarray, labels: np.ndarray, grid: 
 
 
 def table(run: dict) -> str:
-    """Markdown table of a run's rows, ours beside finch-clust for each N."""
-    lines = ["| N | implementation | seconds (first call) | seconds (second call) | peak RSS MiB (before) | partition sizes | first-nb recall | image AUROC % | level-0 search |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Markdown tables of a run: every row, then per N the image AUROC differences over the seeds."""
+    lines = ["| N | seed | implementation | seconds (first call) | seconds (second call) | peak RSS MiB (before) | partition sizes | first-nb recall | image AUROC % | level-0 search |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in run["rows"]:
         how = ", ".join(r.get("neighbour_methods", [])) or "pynndescent k=2 / exact <= 20k"
-        lines.append(f"| {r['n']:,} | {r['method']} | {r['seconds']:.1f} | {r.get('warm_seconds', float('nan')):.1f} | {r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | "
-                     f"{r['partition_sizes']} | {r['recall']:.4f} | {r['image_auroc']:.2f} | {how} |")
+        warm = r.get("warm_seconds", float("nan"))
+        warm = "-" if warm != warm else f"{warm:.1f}"
+        lines.append(f"| {r['n']:,} | {r.get('seed', 0)} | {r['method']} | {r['seconds']:.1f} | {warm} | "
+                     f"{r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | {r['partition_sizes']} | {r['recall']:.4f} | "
+                     f"{r['image_auroc']:.2f} | {how} |")
+    lines += ["", "| N | seeds | AUROC ours - finch-clust: mean (sd, range) | ours - exact | finch-clust - exact | speed-up, first call | speed-up, second call |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    by = {(r["n"], r.get("seed", 0), r["method"]): r for r in run["rows"]}
+    for n in sorted({r["n"] for r in run["rows"]}):
+        seeds = sorted({s for (m, s, _) in by if m == n})
+
+        def diff(a: str, b: str) -> str:
+            d = np.array([by[n, s, a]["image_auroc"] - by[n, s, b]["image_auroc"] for s in seeds if (n, s, a) in by and (n, s, b) in by])
+            if not len(d):
+                return "-"
+            spread = f" ({d.std(ddof=1):.2f}, {d.min():+.2f} to {d.max():+.2f})" if len(d) > 1 else ""
+            return f"{d.mean():+.2f}{spread}"
+
+        def ratio(key: str) -> str:
+            q = [by[n, s, "finch-clust"][key] / by[n, s, "ours"][key] for s in seeds if (n, s, "ours") in by and (n, s, "finch-clust") in by]
+            if not q:
+                return "-"
+            lo, hi = f"{min(q):.1f}x", f"{max(q):.1f}x"
+            return lo if lo == hi else f"{lo} to {hi}"
+
+        lines.append(f"| {n:,} | {len(seeds)} | {diff('ours', 'finch-clust')} | {diff('ours', 'exact')} | {diff('finch-clust', 'exact')} | "
+                     f"{ratio('seconds')} | {ratio('warm_seconds')} |")
     return "\n".join(lines)
 
 
@@ -215,33 +249,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path("/tmp/finchbench"))
     ap.add_argument("--sizes", default="20000,100000,300000")
-    ap.add_argument("--methods", default="ours,finch-clust")
+    ap.add_argument("--methods", default="ours,finch-clust,exact")
+    ap.add_argument("--exact-up-to", type=int, default=100_000, help="run the exact reference up to this N")
+    ap.add_argument("--seeds", default="0", help="sample seeds for the sizes in --seeded-sizes (others use the first)")
+    ap.add_argument("--seeded-sizes", default="100000")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finch_run.json"))
     ap.add_argument("--table", type=Path, help="print the markdown table of a finished run's JSON")
-    ap.add_argument("--run", nargs=3, metavar=("METHOD", "N", "JSON"), help=argparse.SUPPRESS)
+    ap.add_argument("--run", nargs=4, metavar=("METHOD", "N", "SEED", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return
     if args.run:
-        run_one(args.run[0], args.cache, int(args.run[1]), Path(args.run[2]))
+        run_one(args.run[0], args.cache, int(args.run[1]), int(args.run[2]), Path(args.run[3]))
         return
     _, test, labels = cache_features(args.cache)
     rows = []
+    seeds = [int(v) for v in args.seeds.split(",")]
+    seeded = {int(v) for v in args.seeded_sizes.split(",") if v}
     for n in (int(v) for v in args.sizes.split(",")):
-        x = sample(args.cache, n)
-        queries = np.sort(np.random.default_rng(1).choice(len(x), min(len(x), RECALL_QUERIES), replace=False))
-        best = exact_best(x, queries)
-        for method in args.methods.split(","):
-            out = args.cache / f"run_{method}_{n}.json"
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--cache", str(args.cache), "--run", method, str(n), str(out)], check=True)
-            row = json.loads(out.read_text())
-            row["process_seconds"] = time.perf_counter() - t0
-            row["recall"] = recall(x, queries, best, np.load(out.with_suffix(".nn.npy")))
-            row["image_auroc"] = image_auroc(np.load(out.with_suffix(".protos.npy")), test, labels)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for seed in seeds if n in seeded else seeds[:1]:
+            x = sample(args.cache, n, seed)
+            queries = np.sort(np.random.default_rng(1).choice(len(x), min(len(x), RECALL_QUERIES), replace=False))
+            best = exact_best(x, queries)
+            for method in args.methods.split(","):
+                if method == "exact" and n > args.exact_up_to:
+                    continue
+                out = args.cache / f"run_{method}_{n}_{seed}.json"
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, __file__, "--cache", str(args.cache), "--run", method, str(n), str(seed), str(out)], check=True)
+                row = json.loads(out.read_text())
+                row["process_seconds"] = time.perf_counter() - t0
+                row["recall"] = recall(x, queries, best, np.load(out.with_suffix(".nn.npy")))
+                row["image_auroc"] = image_auroc(np.load(out.with_suffix(".protos.npy")), test, labels)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

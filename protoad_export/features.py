@@ -68,7 +68,7 @@ def l2_normalize(features: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 class Normalize(nn.Module):
-    """ImageNet mean/std inside the graph, so every runtime feeds plain [0, 1] RGB."""
+    """The backbone's input mean/std inside the graph, so every runtime feeds plain [0, 1] RGB."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -84,7 +84,7 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, patch_features: PatchFeatures, prep: Preprocessing) -> None:
         super().__init__()
-        self.normalize = Normalize(prep.mean, prep.std)
+        self.normalize = Normalize(*prep.normalisation())
         self.patch_features = patch_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,10 @@ IVF_FLAT_BYTES = 4 << 30  # list storage in FP32 up to this size, FP16 beyond
 RECHECK_CANDIDATES = 8
 _CHUNK_BYTES = 1 << 26  # float32 bytes per chunk of rows read from the data
 _BLOCK_ELEMENTS = 1 << 24  # similarities per block of exact products (64 MiB in FP32)
+# Per block of the IVF scan and the calibration's exact search: 4 MiB stays in cache between the
+# product and its row maxima (at 100k points the scan took 4.6 s at this size, 6.1 s at 64 MiB).
+_SCAN_BLOCK_ELEMENTS = 1 << 20
+_CPU_TILE_ROWS = 2048
 
 
 def _chunk_rows(x: np.ndarray) -> int:
@@ -127,8 +131,9 @@ def exact_first_neighbours(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact first neighbour (excluding self) of every row by cosine: (indices int64, similarities).
 
-    Products are taken in blocks of ``block_elements`` entries (default ``_BLOCK_ELEMENTS``), so
-    memory is O(N * C + block).
+    On a CPU in FP32, cache-sized tiles (``_CPU_TILE_ROWS`` rows x ``_SCAN_BLOCK_ELEMENTS``);
+    otherwise in blocks of ``block_elements`` entries (default ``_BLOCK_ELEMENTS``, 16x that on a
+    GPU), so memory is O(N * C + block).
     ``low_precision="auto"``: FP16 products + FP32 re-check on CUDA, plain FP32 on a CPU.
     """
     device = torch.device(device)
@@ -142,12 +147,21 @@ def exact_first_neighbours(
     step = _chunk_rows(x)
     for start in range(0, n, step):
         base[start : start + step] = torch.from_numpy(_unit_rows(x, start, start + step))
+    idx = np.empty(n, dtype=np.int64)
+    sim = np.empty(n, dtype=np.float32)
+    if device.type == "cpu" and low_precision is None:
+        # Tiles that stay in cache: 0.54 s instead of 1.1 s for 20k x 20k x 176 here.
+        for start in range(0, n, _CPU_TILE_ROWS):
+            stop = min(n, start + _CPU_TILE_ROWS)
+            best = torch.full((stop - start,), -torch.inf)
+            arg = torch.zeros(stop - start, dtype=torch.int64)
+            _best_among(base[start:stop], torch.arange(start, stop), base, 0, best, arg)
+            idx[start:stop], sim[start:stop] = arg.numpy(), best.numpy()
+        return idx, sim
     base_low = base.to(low_precision) if low_precision is not None else None
     # A GPU wants far larger blocks than a CPU cache does (kernel launches, not memory, limit it).
     block_elements = block_elements or (_BLOCK_ELEMENTS * 16 if device.type == "cuda" else _BLOCK_ELEMENTS)
     rows = max(1, min(n, block_elements // n))
-    idx = np.empty(n, dtype=np.int64)
-    sim = np.empty(n, dtype=np.float32)
     with torch.no_grad():
         for start in range(0, n, rows):
             stop = min(n, start + rows)
@@ -157,6 +171,24 @@ def exact_first_neighbours(
     return idx, sim
 
 
+def _best_among(q: torch.Tensor, own: torch.Tensor, base: torch.Tensor, offset: int,
+                best: torch.Tensor, arg: torch.Tensor) -> None:
+    """Update ``best``/``arg`` of unit queries ``q`` (rows ``own`` of the data) with the rows of
+    ``base`` (rows ``offset``... of the data), self excluded, in products small enough to stay in
+    cache; row maxima without indices cost a seventh of ``max(dim=1)``, so indices are taken only
+    for the rows that improve."""
+    width = max(128, _SCAN_BLOCK_ELEMENTS // len(q))
+    for lo in range(0, len(base), width):
+        s = q @ base[lo : lo + width].T
+        local = own - (offset + lo)
+        inside = (local >= 0) & (local < s.shape[1])
+        s[torch.nonzero(inside)[:, 0], local[inside]] = -torch.inf
+        better = torch.nonzero(s.amax(dim=1) > best)[:, 0]
+        if len(better):
+            val, top = s[better].max(dim=1)
+            best[better], arg[better] = val, top + offset + lo
+
+
 def _exact_for_some(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact first neighbours of a few ``rows`` of ``x`` against all of it, streaming ``x``."""
     q = torch.from_numpy(_unit_sample(x, rows))
@@ -164,13 +196,7 @@ def _exact_for_some(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     arg = torch.zeros(len(rows), dtype=torch.int64)
     own = torch.from_numpy(rows)
     for start in range(0, len(x), _chunk_rows(x)):
-        s = q @ torch.from_numpy(_unit_rows(x, start, start + _chunk_rows(x))).T
-        local = own - start
-        inside = (local >= 0) & (local < s.shape[1])
-        s[torch.nonzero(inside)[:, 0], local[inside]] = -torch.inf
-        val, top = s.max(dim=1)
-        better = val > best
-        best[better], arg[better] = val[better], top[better] + start
+        _best_among(q, own, torch.from_numpy(_unit_rows(x, start, start + _chunk_rows(x))), start, best, arg)
     return arg.numpy(), best.numpy()
 
 
@@ -193,18 +219,20 @@ def _scan_lists(packed: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray,
         if hi == lo:
             continue
         members = packed[lo:hi].float().T
-        step = max(1, _BLOCK_ELEMENTS // (hi - lo))
+        step = max(1, _SCAN_BLOCK_ELEMENTS // (hi - lo))
         for s in range(0, len(qs), step):
             sub = qs[s : s + step]
             pos = query_pos[sub]
             sims = packed.index_select(0, torch.from_numpy(pos)).float() @ members
             own = np.flatnonzero((pos >= lo) & (pos < hi))
             sims[torch.from_numpy(own), torch.from_numpy(pos[own] - lo)] = -torch.inf
-            val, top = sims.max(dim=1)
-            val, top = val.numpy(), top.numpy()
-            better = val > best[sub]
-            best[sub[better]] = val[better]
-            arg[sub[better]] = top[better] + lo
+            # Row maxima without indices cost a seventh of max(dim=1); only the few rows that
+            # beat their best so far (lists come in list order, not probe order) need the index.
+            better = np.flatnonzero(sims.amax(dim=1).numpy() > best[sub])
+            if len(better):
+                val, top = sims[torch.from_numpy(better)].max(dim=1)
+                best[sub[better]] = val.numpy()
+                arg[sub[better]] = top.numpy() + lo
 
 
 def approx_first_neighbours(

@@ -35,13 +35,15 @@ class Preprocessing:
     ``mode``: ``crop`` resizes the shorter side to ``resize`` and centre-crops ``crop`` (authors'
     code); ``squash`` resizes to ``crop`` x ``crop`` ignoring the aspect ratio; ``letterbox`` fits the
     longer side to ``crop`` and pads the rest with black.
+    ``mean``/``std``: the input normalisation; ``None`` means the backbone's own (the one its
+    weights were trained with), filled in by ``BackboneSpec.preprocessing`` before a network is made.
     """
 
     resize: int = 256
     crop: int = 224
     mode: str = "crop"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
@@ -62,6 +64,12 @@ class Preprocessing:
             resize=int(d["resize"]), crop=int(d["crop"]), mode=str(d["mode"]),
             mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
         )
+
+    def normalisation(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(mean, std); an error while they are still the backbone's to decide."""
+        if self.mean is None or self.std is None:
+            raise ValueError("preprocessing mean/std not set: pass it through BackboneSpec.preprocessing first")
+        return self.mean, self.std
 
     def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
         """(resized size, crop box in the resized image, paste offset in the output) for an input size."""

@@ -95,7 +95,7 @@ class ProtoADNetwork(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}")
         self.precision = precision
         self.compute_dtype = torch.float16 if precision == "fp16" else torch.float32
-        self.normalize = Normalize(prep.mean, prep.std)
+        self.normalize = Normalize(*prep.normalisation())
         self.patch_features = patch_features.to(self.compute_dtype)
         protos = torch.as_tensor(np.asarray(prototypes, dtype=np.float32))
         k, c = protos.shape

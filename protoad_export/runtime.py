@@ -50,7 +50,7 @@ def _check_input(images: np.ndarray, crop: int) -> np.ndarray:
 
 def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str = "fp32"):
     """Rebuild the ProtoAD module from the manifest (backbone weights checked by sha256) and prototypes."""
-    from .backbones import RANDOM_WEIGHTS, load_backbone
+    from .backbones import LEGACY_ARCHITECTURES, RANDOM_WEIGHTS, load_backbone
     from .features import PatchFeatures
     from .network import ProtoADNetwork, patch_grid
 
@@ -58,7 +58,7 @@ def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str =
     weights = info["weights"]
     if weights != RANDOM_WEIGHTS and not Path(weights).is_file():
         raise MissingDependencyError(f"the torch backend needs the backbone weights {weights}, which are not on this machine")
-    backbone = load_backbone(info["name"], weights)
+    backbone = load_backbone(info["name"], weights, info.get("architecture", LEGACY_ARCHITECTURES.get(info["name"])))
     if backbone.weights_sha256 != info["weights_sha256"]:
         raise InputError(f"backbone weights {weights} differ from those the engine was built with (sha256)")
     prep = preprocessing(manifest)

@@ -26,6 +26,9 @@ def test_build_on_40_real_images_gives_every_artifact(small_engine):
     assert {p.name for p in small_engine.iterdir()} >= REQUIRED_FILES | {"manifest.json"}
     assert manifest["schema_version"] == 1
     assert manifest["backbone"]["name"] == "efficientnet_lite0"
+    # The offline weights are TF EfficientNet-Lite0: TF padding host and [-1, 1] inputs.
+    assert manifest["backbone"]["architecture"] == "tf_efficientnet_lite0"
+    assert manifest["preprocessing"]["mean"] == manifest["preprocessing"]["std"] == [0.5, 0.5, 0.5]
     assert manifest["backbone"]["weights_sha256"] == sha256_file(manifest["backbone"]["weights"])
     assert manifest["preprocessing"]["crop"] == 224 and manifest["align"] == "bilinear"
     protos = np.load(small_engine / "prototypes.npy", allow_pickle=False)

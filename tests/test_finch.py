@@ -66,6 +66,25 @@ def test_ensure_early_exit_is_a_no_op():
     np.testing.assert_array_equal(with_exit[0], without[0])
 
 
+def test_cpu_tiles_equal_one_big_product_ties_included(monkeypatch):
+    """The CPU path's cache-sized tiles (indices only for rows that improve) give what one N x N
+    product and a row argmax give, including exact ties across tiles (first index wins)."""
+    import protoad_export.finch as F
+
+    monkeypatch.setattr(F, "_CPU_TILE_ROWS", 700)  # several row tiles and column blocks
+    monkeypatch.setattr(F, "_SCAN_BLOCK_ELEMENTS", 700 * 300)
+    x = clustered(2500, 24, seed=3)
+    x[1900] = x[10]  # duplicates: each other's neighbour at similarity 1, in different tiles
+    x[2400] = x[10]
+    idx, sim = exact_first_neighbours(x)
+    s = torch.from_numpy(x) @ torch.from_numpy(x).T
+    s.fill_diagonal_(-torch.inf)
+    val, top = s.max(dim=1)
+    np.testing.assert_array_equal(idx, top.numpy())
+    np.testing.assert_allclose(sim, val.numpy(), atol=1e-6)
+    assert (idx[10], idx[1900], idx[2400]) == (1900, 10, 10)
+
+
 def test_fp16_products_with_fp32_recheck_on_cpu():
     """The CUDA path (FP16 products, FP32 re-check) run on CPU tensors gives the exact winners."""
     x = clustered(2000, dim=64, noise=0.05, seed=4)

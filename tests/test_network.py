@@ -62,8 +62,8 @@ def test_blur_equals_scipy_gaussian_filter(shape):
 def tiny():
     """efficientnet_lite0 (real weights), crop 64, prototypes: unit features of one image + random units."""
     torch.manual_seed(0)
-    prep = Preprocessing(resize=72, crop=CROP, mode="crop")
     backbone = load_backbone("efficientnet_lite0")
+    prep = backbone.spec.preprocessing(Preprocessing(resize=72, crop=CROP, mode="crop"))
     pf = PatchFeatures(backbone.module, "bilinear", patch_grid(CROP)).eval()
     images = _images(5)
     with torch.no_grad():
