@@ -63,7 +63,7 @@ _BLOCK_ELEMENTS = 1 << 24  # similarities per block of exact products (64 MiB in
 # Per block of the IVF scan and the calibration's exact search: 4 MiB stays in cache between the
 # product and its row maxima (at 100k points the scan took 4.6 s at this size, 6.1 s at 64 MiB).
 _SCAN_BLOCK_ELEMENTS = 1 << 20
-_CPU_TILE_ROWS = 2048
+_CPU_TILE_ROWS = 2048  # rows per tile of exact CPU search (x 512 columns at that block size)
 
 
 def _chunk_rows(x: np.ndarray) -> int:
