@@ -9,7 +9,7 @@ prototypes vs. the exact bank. All use ``--resize-mode`` (letterbox by default: 
 these non-square parts, RESULTS.md section 3), re-normalised prototypes, ONNX Runtime FP32, and
 all 582 test images; pixel metrics leave the letterbox padding out.
 
-Exact kNN costs 2 * 3136 * M * 3136 * 176 FLOPs per test image: about 20 minutes for M = 64 on
+Exact kNN costs 2 * 3136 * M * 3136 * 176 FLOPs per test image: about 15 minutes for M = 64 on
 2 cores; the full bank (762 images) would take hours, which is why M is capped here.
 
     flock /tmp/protoad-bench.lock python benchmarks/eval_magnetic_tile.py --out /tmp/protoad-bench
