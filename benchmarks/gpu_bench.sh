@@ -3,7 +3,9 @@
 # and wide_resnet50_2 with random weights (speed does not depend on the weights), compile them to
 # TensorRT when TensorRT is installed, and print the bench table of every backend found:
 # torch FP32 eager (the reference), torch FP16, torch FP16 + torch.compile (CUDA graphs),
-# onnxruntime (whichever providers are installed) and tensorrt.
+# onnxruntime (whichever providers are installed) and tensorrt. On the real category (not with
+# --quick) also: full-train-set builds (wide_resnet50_2 build time, issue 5) and the
+# efficientnet_lite0 engine against the exact kNN bank of all training patches (issue 4).
 #
 # Usage: benchmarks/gpu_bench.sh [--device cuda|cpu] [--data DIR] [--out DIR] [--quick] [--dry-run]
 #   --data    MVTec-style category or folder of training images [default: $PROTOAD_SHARED_DATA/magnetic_tile,
@@ -153,4 +155,19 @@ for BACKBONE in efficientnet_lite0 wide_resnet50_2; do
     --limit 16 --fps --batch-sizes "$CPU_BATCHES" --warmup 2 --iterations "$CPU_ITERS" --json "$OUTDIR/$NAME.ort.json" ||
     echo "bench exit $? (a tolerance exceeded or a backend failed; see above)"
 done
+
+# 4. The full-scale targets, on the real category only (skipped for synthetic data and --quick):
+#    the whole train set with wide_resnet50_2 (issue 5: under 2 minutes on a GPU; exact FINCH), and
+#    efficientnet_lite0 (letterbox, real weights) evaluated against the exact kNN bank of every
+#    training patch (issue 4: hours on a 2-core CPU). Wall time and peak RSS from /usr/bin/time.
+if [ "$QUICK" = 0 ] && [ "$DEVICE" = cuda ] && { [ "$DRY" = 1 ] || [ -d "$DATA/ground_truth" ]; }; then
+  TIMER=(); [ -x /usr/bin/time ] && TIMER=(/usr/bin/time -v)
+  echo "== full train set"
+  run "${TIMER[@]}" protoad-export build "$DATA" --name wide_resnet50_2_full --out "$OUTDIR/engines" \
+    --backbone wide_resnet50_2 --weights random --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --quiet
+  run "${TIMER[@]}" protoad-export build "$DATA" --name efficientnet_lite0_full --out "$OUTDIR/engines" \
+    --backbone efficientnet_lite0 --resize-mode letterbox --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --quiet
+  run protoad-export eval "$OUTDIR/engines/efficientnet_lite0_full" "$DATA" --baseline knn --device cuda \
+    --out "$OUTDIR/eval_full" --json "$OUTDIR/eval_full.json"
+fi
 echo "== done: JSON reports in $OUTDIR"

@@ -98,3 +98,5 @@ def test_gpu_bench_script_is_valid_bash_and_dry_runs():
     out = subprocess.run(["bash", str(script), "--dry-run"], check=True, capture_output=True, text=True, cwd=REPO).stdout
     assert "protoad-export build" in out and "--weights random" in out and "wide_resnet50_2" in out
     assert "protoad-export bench" in out and "--fps" in out
+    # The full-scale targets: whole train set with wide_resnet50_2, exact kNN over every patch.
+    assert "--name wide_resnet50_2_full" in out and "--baseline knn --device cuda" in out
