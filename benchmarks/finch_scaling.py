@@ -40,9 +40,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protoad_export.backbones import get_spec
+
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 MAX_PROTOTYPES = 10_000
 RECALL_QUERIES = 20_000
+# Cached features are named after the model that made them, so a change of host is never read
+# from a stale cache (the 2026-11-27 run used the first sessions' host; RESULTS.md section 5).
+_HOST = get_spec("efficientnet_lite0").architecture
+TRAIN_FILE, TEST_FILE = f"train_{_HOST}.npy", f"test_{_HOST}.npy"
 
 
 def extract(backbone: str, paths: list[Path], out: Path, weights: str | None = None) -> np.ndarray:
@@ -71,9 +77,9 @@ def cache_features(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from protoad_export.images import category_test_set, training_images
 
     cache.mkdir(parents=True, exist_ok=True)
-    train = extract("efficientnet_lite0", training_images(DATA), cache / "train_effnet.npy")
+    train = extract("efficientnet_lite0", training_images(DATA), cache / TRAIN_FILE)
     tests = category_test_set(DATA)
-    test = extract("efficientnet_lite0", [t.path for t in tests], cache / "test_effnet.npy")
+    test = extract("efficientnet_lite0", [t.path for t in tests], cache / TEST_FILE)
     labels = np.array([t.label for t in tests])
     return train, test, labels
 
@@ -83,7 +89,7 @@ def sample(cache: Path, n: int, seed: int = 0) -> np.ndarray:
     block by block (no mapping), so the 0.8 GB file does not count in this process's peak RSS."""
     from protoad_export.prototypes import sample_rows
 
-    path = cache / "train_effnet.npy"
+    path = cache / TRAIN_FILE
     full = np.load(path, mmap_mode="r")
     total, dim, offset = len(full), full.shape[1], full.offset
     del full

@@ -64,7 +64,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 # Engine directories written before the manifest named the architecture used these.
 LEGACY_ARCHITECTURES = {"efficientnet_lite0": "efficientnet_lite0"}
-EFFICIENTNET_LITE0_ARCHITECTURES = ("tf_efficientnet_lite0", "efficientnet_lite0")
+EFFICIENTNET_LITE0_ARCHITECTURES = (BACKBONES["efficientnet_lite0"].architecture, LEGACY_ARCHITECTURES["efficientnet_lite0"])
 
 
 class StageTaps(nn.Module):
@@ -162,10 +162,12 @@ def _torchvision_backbone(name: str, weights: str | None) -> tuple[nn.Module, st
     return StageTaps(extractor, ("s1", "s2", "s3")), source, sha
 
 
-def efficientnet_lite0_classifier(weights: str | None, architecture: str = "tf_efficientnet_lite0") -> tuple[nn.Module, str, str | None]:
-    """The whole ImageNet classifier with the offline (or given) weights: (module, source, sha256)."""
+def efficientnet_lite0_classifier(weights: str | None, architecture: str | None = None) -> tuple[nn.Module, str, str | None]:
+    """The whole ImageNet classifier with the offline (or given) weights: (module, source, sha256);
+    ``architecture`` defaults to the spec's."""
     import timm
 
+    architecture = architecture or BACKBONES["efficientnet_lite0"].architecture
     if architecture not in EFFICIENTNET_LITE0_ARCHITECTURES:
         raise InputError(f"unknown efficientnet_lite0 architecture {architecture!r}")
     full = timm.create_model(architecture, pretrained=False)

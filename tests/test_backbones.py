@@ -17,6 +17,7 @@ PHOTOS = {"china.jpg": (698, 663, 832), "flower.jpg": (985,)}  # palace, monaste
 
 def _correct_mass(architecture: str, mean, std) -> dict[str, tuple[float, bool]]:
     """Probability on the fair classes and whether the top-1 class is one of them, per photo."""
+    from PIL import Image
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images()
@@ -24,8 +25,6 @@ def _correct_mass(architecture: str, mean, std) -> dict[str, tuple[float, bool]]
     model = efficientnet_lite0_classifier(None, architecture)[0].eval()
     out = {}
     for image, name in zip(photos.images, photos.filenames):
-        from PIL import Image
-
         x = torch.from_numpy(prep.image_array(Image.fromarray(image)))[None]
         x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         with torch.no_grad():
