@@ -9,10 +9,16 @@ prototypes vs. the exact bank. All use ``--resize-mode`` (letterbox by default: 
 these non-square parts, RESULTS.md section 3), re-normalised prototypes, ONNX Runtime FP32, and
 all 582 test images; pixel metrics leave the letterbox padding out.
 
-Exact kNN costs 2 * 3136 * M * 3136 * 176 FLOPs per test image: about 15 minutes for M = 64 on
-2 cores; the full bank (762 images) would take hours, which is why M is capped here.
+Exact kNN costs 2 * 3136 * M * 3136 * 176 FLOPs per test image: about 8 minutes for M = 64 on
+2 cores and 95 minutes for the full bank (M = 762, 2.4M patches; RESULTS.md section 4). Budgets
+above ``--tiled-above`` are scored by ``TiledPrototypes`` (the network's formula in the kNN's
+cache-sized tiles) instead of ONNX Runtime, whose [B, K, 56, 56] similarity tensor crawls on a CPU
+at 100k+ prototypes; ``--check-tiled BUDGET`` scores an ONNX-evaluated engine both ways. A rerun
+into the same ``--out`` reuses finished engines and evaluations.
 
     flock /tmp/protoad-bench.lock python benchmarks/eval_magnetic_tile.py --out /tmp/protoad-bench
+    flock /tmp/protoad-bench.lock python benchmarks/eval_magnetic_tile.py --out /tmp/full --bank-images 762 \
+        --max-prototypes 10000,50000,200000 --tiled-above 50000 --check-tiled 50000
     python benchmarks/eval_magnetic_tile.py --out /tmp/protoad-bench --table   # Markdown of a finished run
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -28,8 +35,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from protoad_export.builder import BuildConfig, build
-from protoad_export.evaluate import evaluate_engine
+from protoad_export.evaluate import KnnBaseline, evaluate_engine, image_auroc_differences
 from protoad_export.images import Preprocessing, training_images
 from protoad_export.thresholds import evenly_spaced
 
@@ -60,9 +69,52 @@ def engine(data: Path, name: str, out: Path, config: BuildConfig) -> tuple[Path,
     return built.engine_dir, time.perf_counter() - t0
 
 
+class TiledPrototypes(KnnBaseline):
+    """ProtoAD's formula (1 - max_k <u, p_k>, bilinear upsample, blur, max) with the engine's
+    prototypes searched in the kNN baseline's cache-sized tiles: the network's numbers without its
+    [B, K, 56, 56] similarity tensor, which makes ONNX Runtime on a CPU crawl past ~50k prototypes
+    (``--tiled-above``; the run checks it against ONNX Runtime on the largest engine it evaluated
+    both ways)."""
+
+    def __init__(self, engine_dir: Path, manifest: dict) -> None:  # no bank extraction
+        import torch
+
+        from protoad_export.artifacts import load_array
+        from protoad_export.features import FeatureExtractor
+        from protoad_export.network import GaussianBlur
+        from protoad_export.runtime import build_torch_network, preprocessing
+
+        self.torch, self.device = torch, torch.device("cpu")
+        self.prep = preprocessing(manifest)
+        self.extractor = FeatureExtractor(build_torch_network(engine_dir, manifest, "fp32").patch_features, self.prep).eval()
+        self.blur = GaussianBlur(self.prep.crop, self.prep.crop)
+        self.bank = torch.from_numpy(np.asarray(load_array(engine_dir, manifest, manifest["prototypes"]["file"]), dtype=np.float32))
+
+
+def evaluate_tiled(engine_dir: Path, report_path: Path | None = None) -> dict:
+    """``evaluate_engine``'s ProtoAD entry, scored by ``TiledPrototypes``; with ``report_path`` (an
+    ONNX Runtime report of the same engine) also the largest score difference between the two."""
+    from protoad_export.artifacts import read_manifest
+    from protoad_export.evaluate import _run, load_test_set, score_metrics
+
+    manifest = read_manifest(engine_dir)
+    scorer = TiledPrototypes(engine_dir, manifest)
+    test = load_test_set(DATA, scorer.prep)
+    maps, scores, secs = _run(scorer, manifest, [t.path for t in test.samples], 8, False, "tiled")
+    protos = manifest["prototypes"]
+    out = {"metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),
+           "images_per_second": round(len(scores) / secs, 2), "backend": "torch, tiled max-cosine search", "precision": "fp32",
+           "prototypes": protos["count"], "prototypes_mib_fp32": round(protos["count"] * protos["dim"] * 4 / 2**20, 2)}
+    rows = [{"image": os.path.relpath(t.path, DATA), "defect": t.defect, "protoad": float(v)} for t, v in zip(test.samples, scores)]
+    if report_path is not None:
+        onnx = json.loads(report_path.read_text())["image_scores"]
+        out["max_score_difference_vs_onnxruntime"] = float(max(abs(a["protoad"] - b["protoad"]) for a, b in zip(rows, onnx)))
+    return {"methods": {"protoad": out}, "image_scores": rows}
+
+
 def run(args) -> dict:
     train = training_images(DATA)
-    rows = []
+    rows, checks = [], []
     for m in args.bank_images:
         cat = subset_category(DATA, args.out / f"cat{m}", evenly_spaced(train, m))
         seen: dict[int, dict] = {}
@@ -71,8 +123,16 @@ def run(args) -> dict:
                                  preprocessing=Preprocessing(mode=args.resize_mode))
             path, build_s = engine(cat, f"{args.resize_mode}{m}_p{budget}", args.out, config)
             baseline = "knn" if i == 0 else None  # the bank does not depend on the budget
-            rep = evaluate_engine(path, DATA, baseline=baseline, progress=False, out_dir=args.out / f"eval_{m}_{budget}")
-            (args.out / f"eval_{m}_{budget}.json").write_text(json.dumps(rep, indent=1))
+            report = args.out / f"eval_{m}_{budget}.json"
+            if report.is_file() and math.isnan(build_s):  # engine reused and its evaluation done: resume
+                print(f"reusing {report}", flush=True)
+                rep = json.loads(report.read_text())
+            elif args.tiled_above is not None and budget > args.tiled_above and not baseline:
+                rep = evaluate_tiled(path)
+                report.write_text(json.dumps(rep, indent=1))
+            else:
+                rep = evaluate_engine(path, DATA, baseline=baseline, progress=args.progress, out_dir=args.out / f"eval_{m}_{budget}")
+                report.write_text(json.dumps(rep, indent=1))
             ours = rep["methods"]["protoad"]
             if ours["prototypes"] in seen:  # same FINCH partition as a smaller budget
                 print(f"M={m}: budget {budget} gives the same {ours['prototypes']} prototypes", flush=True)
@@ -82,37 +142,67 @@ def run(args) -> dict:
             if baseline:
                 rows.append({"bank_images": m, "method": "knn", **rep["methods"]["knn"]})
             print(json.dumps(rows[-1])[:400], flush=True)
+        if args.check_tiled is not None:
+            path = args.out / "engines" / f"{args.resize_mode}{m}_p{args.check_tiled}"
+            chk = evaluate_tiled(path, args.out / f"eval_{m}_{args.check_tiled}.json")["methods"]["protoad"]
+            checks.append({"bank_images": m, "max_prototypes": args.check_tiled, "prototypes": chk["prototypes"],
+                           "image_auroc_tiled": chk["metrics"]["overall"]["image_auroc"],
+                           "max_score_difference_vs_onnxruntime": chk["max_score_difference_vs_onnxruntime"]})
+            print(json.dumps(checks[-1]), flush=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.platform()}, {model}, {os.cpu_count()} cores", "resize_mode": args.resize_mode,
-            "command": "python benchmarks/eval_magnetic_tile.py " + " ".join(args.argv), "rows": rows}
+            "command": "python benchmarks/eval_magnetic_tile.py " + " ".join(args.argv), "rows": rows,
+            "tiled_checks": checks}
 
 
-def table(run: dict) -> str:
-    """Markdown: overall metrics and per-type image AUROC, each ProtoAD row's gap to its bank's kNN."""
+def _intervals(out: Path, m: int, budget: int, knn_budget: int) -> dict:
+    """Paired bootstrap intervals of ProtoAD minus kNN image AUROC per defect type, from the
+    per-image scores of the two evaluation reports (empty for runs that predate them)."""
+    try:
+        ours, ref = (json.loads((out / f"eval_{m}_{b}.json").read_text())["image_scores"] for b in (budget, knn_budget))
+    except (OSError, KeyError):
+        return {}
+    assert [r["image"] for r in ours] == [r["image"] for r in ref]
+    return image_auroc_differences([r["defect"] for r in ours], [r["protoad"] for r in ours], [r["knn"] for r in ref])
+
+
+def table(run: dict, out: Path | None = None) -> str:
+    """Markdown: overall metrics and per-type image AUROC, each ProtoAD row's gap to its bank's kNN
+    (with its 95 % paired bootstrap interval where the reports hold per-image scores)."""
     rows = run["rows"]
     knn = {r["bank_images"]: r for r in rows if r["method"] == "knn"}
+    first_budget = {r["bank_images"]: r["max_prototypes"] for r in reversed(rows) if r["method"] == "protoad"}
     defects = sorted(rows[0]["metrics"]["per_defect"])
     head = ["bank images", "method", "prototypes / bank patches", "image AUROC %", "pixel AUROC %", "PRO %",
             *[f"{d} image AUROC %" for d in defects], "images/s", "size MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def cell(r, value, ref):
+    def cell(value, ref, ci=None):
         text = f"{100 * value:.1f}"
-        return text if ref is None or r is ref else f"{text} ({100 * (value - ref):+.1f})"
+        if ref is None:
+            return text
+        text += f" ({100 * (value - ref):+.1f}"
+        return text + (f" [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}])" if ci else ")")
 
     for r in rows:
-        ref = knn.get(r["bank_images"])
+        ref = knn.get(r["bank_images"]) if r["method"] == "protoad" else None
+        cis = _intervals(out, r["bank_images"], r["max_prototypes"], first_budget[r["bank_images"]]) if out and ref else {}
         size = r.get("prototypes_mib_fp32", r.get("bank_mib_fp32"))
         count = f"{r['prototypes']:,}" if r["method"] == "protoad" else f"{r['bank_patches']:,}"
         name = "kNN (exact bank)" if r["method"] == "knn" else f"ProtoAD, --max-prototypes {r['max_prototypes']}"
+        name += " (tiled)" if r.get("backend", "").endswith("tiled max-cosine search") else ""
         o = r["metrics"]["overall"]
-        vals = [cell(r, o[k], ref and ref["metrics"]["overall"][k]) for k in METRICS]
-        per = [cell(r, r["metrics"]["per_defect"][d]["image_auroc"], ref and ref["metrics"]["per_defect"][d]["image_auroc"])
-               for d in defects]
+        vals = [cell(o[k], ref and ref["metrics"]["overall"][k], cis.get("overall") if k == "image_auroc" else None)
+                for k in METRICS]
+        per = [cell(r["metrics"]["per_defect"][d]["image_auroc"], ref and ref["metrics"]["per_defect"][d]["image_auroc"],
+                    cis.get(d)) for d in defects]
         lines.append(f"| {r['bank_images']} | {name} | {count} | " + " | ".join(vals + per)
                      + f" | {r['images_per_second']:.1f} | {size:.1f} |")
+    if any("[" in line for line in lines):
+        lines.append("\nIn square brackets: 95 % paired, stratified bootstrap interval of the image AUROC difference "
+                     "(`metrics.paired_auroc_difference`, 2,000 resamples).")
     return "\n".join(lines)
 
 
@@ -122,10 +212,14 @@ def main() -> None:
     parser.add_argument("--bank-images", default="16,64", help="comma-separated bank sizes (training images)")
     parser.add_argument("--max-prototypes", default="10000,50000", help="comma-separated FINCH budgets; the first is the paper's")
     parser.add_argument("--resize-mode", default="letterbox", choices=("crop", "squash", "letterbox"))
+    parser.add_argument("--tiled-above", type=int, help="score budgets above this with TiledPrototypes, not ONNX Runtime")
+    parser.add_argument("--check-tiled", type=int, metavar="BUDGET",
+                        help="also score the BUDGET engine (evaluated by ONNX Runtime) tiled and report the score difference")
+    parser.add_argument("--progress", action="store_true", help="progress bars (stderr) for the long kNN runs")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out/run.json")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads((args.out / "run.json").read_text())))
+        print(table(json.loads((args.out / "run.json").read_text()), args.out))
         return
     args.argv = sys.argv[1:]
     args.bank_images = [int(v) for v in args.bank_images.split(",")]
@@ -133,7 +227,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     (args.out / "run.json").write_text(json.dumps(result, indent=1))
-    print(table(result))
+    print(table(result, args.out))
 
 
 if __name__ == "__main__":

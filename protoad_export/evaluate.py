@@ -13,6 +13,7 @@ own bilinear upsampling and Gaussian blur. Exact search by blocked matrix produc
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 import time
@@ -30,6 +31,7 @@ from .images import LabelledImage, category_test_set, image_size, mask_for, trai
 from .thresholds import evenly_spaced, manifest_threshold
 
 BASELINES = ("knn",)
+CPU_TILE = 1024  # rows and bank rows per tile of the kNN search on a CPU (nearest_similarity)
 
 
 @dataclass
@@ -115,6 +117,28 @@ def bank_images(manifest: dict, max_images: int | None = None) -> list[Path]:
     return paths
 
 
+def nearest_similarity(queries, bank, query_block: int | None = None, bank_block: int | None = None):
+    """Max cosine of each unit query row [Q, C] to the unit ``bank`` rows [M, C] (torch tensors, same
+    device), exactly, in blocks of at most query_block x bank_block similarities.
+
+    On a CPU the default tiles (1024 x 1024) keep the 4 MiB of similarities in cache between the
+    product and its row maxima: 286 GFLOPS on this project's 2-core machine against 149 with
+    4096 x 16384 (RESULTS.md section 4). A GPU gets large blocks (kernel launches limit it there).
+    """
+    import torch
+
+    cpu = queries.device.type == "cpu"
+    query_block = query_block or (CPU_TILE if cpu else 4096)
+    bank_block = bank_block or (CPU_TILE if cpu else 16384)
+    best = torch.full((len(queries),), -torch.inf, device=queries.device)
+    for q in range(0, len(queries), query_block):
+        rows = queries[q : q + query_block]
+        for b in range(0, len(bank), bank_block):
+            sim = (rows @ bank[b : b + bank_block].T).amax(dim=1)
+            best[q : q + query_block] = torch.maximum(best[q : q + query_block], sim)
+    return best
+
+
 class KnnBaseline:
     """Exact nearest-neighbour memory bank over all patches of ``paths`` (no subsampling)."""
 
@@ -142,17 +166,6 @@ class KnnBaseline:
             del feats
         self.bank_seconds = time.perf_counter() - t0
 
-    def nearest_similarity(self, queries, query_block: int = 4096, bank_block: int = 16384):
-        """Max cosine of each query row [Q, C] to the bank, in blocks of at most query_block x bank_block."""
-        torch = self.torch
-        best = torch.full((len(queries),), -torch.inf, device=self.device)
-        for q in range(0, len(queries), query_block):
-            rows = queries[q : q + query_block]
-            for b in range(0, len(self.bank), bank_block):
-                sim = (rows @ self.bank[b : b + bank_block].T).amax(dim=1)
-                best[q : q + query_block] = torch.maximum(best[q : q + query_block], sim)
-        return best
-
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 [B, 3, S, S] in [0, 1] -> (maps [B, S, S], scores [B]), like ``Runtime.predict``."""
         torch = self.torch
@@ -161,7 +174,7 @@ class KnnBaseline:
         with torch.no_grad():
             feats = self.extractor(torch.from_numpy(images).to(self.device))
             b, c, h, w = feats.shape
-            sim = self.nearest_similarity(feats.permute(0, 2, 3, 1).reshape(-1, c))
+            sim = nearest_similarity(feats.permute(0, 2, 3, 1).reshape(-1, c), self.bank)
             patch = (1.0 - sim).view(b, 1, h, w)
             size = (self.prep.crop, self.prep.crop)
             maps = self.blur(F.interpolate(patch, size=size, mode="bilinear", align_corners=False))
@@ -195,6 +208,20 @@ def _run(predictor, manifest: dict, paths: Sequence[Path], batch_size: int, prog
             scores.append(s.astype(np.float32))
             bar.update(len(chunk))
     return np.concatenate(maps), np.concatenate(scores), time.perf_counter() - t0
+
+
+def image_auroc_differences(defects: Sequence[str], scores: np.ndarray, reference: np.ndarray) -> dict:
+    """Image AUROC of ``scores`` minus ``reference``'s on the same images (``defects``: each image's
+    type, "good" for normal ones), overall and per defect type (each type against the good images),
+    with 95 % paired bootstrap intervals (``metrics.paired_auroc_difference``): on a few dozen
+    defective images a point of AUROC can be sampling noise."""
+    defects = np.asarray(defects)
+    scores, reference = np.asarray(scores), np.asarray(reference)
+    out = {}
+    for d in sorted(set(defects.tolist()) - {"good"}) + ["overall"]:
+        sel = np.ones(len(defects), bool) if d == "overall" else (defects == "good") | (defects == d)
+        out[d] = metrics.paired_auroc_difference((defects[sel] != "good").astype(int), scores[sel], reference[sel])
+    return out
 
 
 def evaluate_engine(
@@ -253,6 +280,7 @@ def evaluate_engine(
             "bank_subsampled": baseline_train_images is not None,
         }
         all_scores["knn"] = kscores
+        methods["protoad"]["image_auroc_minus_knn"] = image_auroc_differences([s.defect for s in test.samples], scores, kscores)
         del knn, kmaps
     report = {
         "engine": str(Path(engine_dir).resolve()), "data": str(Path(data).resolve()),
@@ -265,6 +293,10 @@ def evaluate_engine(
         "map_resolution": [int(maps.shape[1]), int(maps.shape[2])],
         "threshold": threshold,
         "methods": methods,
+        # Per image, so that differences between methods can be tested image by image (paired).
+        "image_scores": [{"image": os.path.relpath(s.path, data), "defect": s.defect,
+                          **{name: float(v[i]) for name, v in all_scores.items()}}
+                         for i, s in enumerate(test.samples)],
     }
     if out_dir is not None:
         from .plots import write_plots
@@ -300,6 +332,10 @@ def format_table(report: dict) -> str:
                 else f"bank {m['bank_patches']:,} patches of {m['bank_images']} images ({m['bank_mib_fp32']} MiB), "
                      f"{m['search_gflop_per_image']} GFLOP/image search, bank built in {m['bank_seconds']} s")
         lines.append(f"{name}: {m['images_per_second']} images/s; {size}")
+    diffs = methods["protoad"].get("image_auroc_minus_knn")
+    if diffs:
+        lines.append("protoad - knn image AUROC, 95 % paired bootstrap interval: " + "; ".join(
+            f"{k} {100 * v['difference']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]" for k, v in diffs.items()))
     if "at_threshold" in methods["protoad"]:
         t = methods["protoad"]["at_threshold"]
         lines.append(f"at threshold {t['threshold']:.4f}: false-reject rate {100 * t['false_reject_rate']:.1f} %, "

@@ -16,6 +16,7 @@ from protoad_export.evaluate import (
     evaluate_engine,
     format_table,
     load_test_set,
+    nearest_similarity,
 )
 from protoad_export.images import load_mask
 from protoad_export.runtime import preprocess_paths, preprocessing
@@ -45,6 +46,28 @@ def test_report_has_metrics_per_defect_and_overall(knn_report):
     # Two of these cracks lie outside the 224 centre crop: their masks are empty after preprocessing.
     assert all("/crack/" in p for p in counts["image_level_only"])
     assert m["overall"]["pixel_images"] == 10 - len(counts["image_level_only"])
+
+
+def test_per_image_scores_reproduce_the_image_auroc(knn_report):
+    from sklearn.metrics import roc_auc_score
+
+    report, _ = knn_report
+    rows = report["image_scores"]
+    assert len(rows) == 10 and sum(r["defect"] == "good" for r in rows) == 4
+    assert all(r["image"].startswith("test/" + r["defect"] + "/") for r in rows)
+    labels = [r["defect"] != "good" for r in rows]
+    for name in ("protoad", "knn"):
+        auroc = roc_auc_score(labels, [r[name] for r in rows])
+        assert auroc == pytest.approx(report["methods"][name]["metrics"]["overall"]["image_auroc"], abs=1e-6)
+    diffs = report["methods"]["protoad"]["image_auroc_minus_knn"]
+    assert set(diffs) == {"overall", "crack", "blowhole"}
+    for key, d in diffs.items():
+        m = [report["methods"][n]["metrics"] for n in ("protoad", "knn")]
+        got = [x["overall"] if key == "overall" else x["per_defect"][key] for x in m]
+        assert d["difference"] == pytest.approx(got[0]["image_auroc"] - got[1]["image_auroc"], abs=1e-9)
+        assert d["low"] <= d["difference"] <= d["high"]
+    intervals = format_table(report).split("paired bootstrap interval: ")[1]
+    assert intervals.startswith("blowhole ") and "; crack " in intervals and "; overall " in intervals
 
 
 def test_json_and_plots_are_written(knn_report):
@@ -120,3 +143,15 @@ def test_eval_cli_writes_json_and_rejects_bad_input(small_engine, small_category
     assert result.exit_code == 2 and result.output.startswith("error:") and "Traceback" not in result.output
     with pytest.raises(InputError, match="baseline"):
         evaluate_engine(small_engine, small_category, baseline="faiss")
+
+
+@pytest.mark.parametrize("blocks", [(None, None), (7, 5), (1000, 3)])
+def test_knn_search_is_exact_in_any_tiling(blocks):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(2500, 16, generator=gen), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(1100, 16, generator=gen), dim=1)
+    got = nearest_similarity(queries, bank, *blocks)
+    # Same maxima up to the rounding of differently blocked products.
+    torch.testing.assert_close(got, (queries @ bank.T).max(dim=1).values, rtol=0, atol=1e-6)

@@ -15,6 +15,7 @@ from protoad_export.metrics import (
     Metrics,
     evaluate,
     image_auroc,
+    paired_auroc_difference,
     pixel_auroc,
     pro_curve,
     pro_score,
@@ -510,3 +511,34 @@ def test_pixels_outside_valid_are_left_out():
     # The defect switches on at FPR 1/8 with valid, 1/15 without: less area under PRO with valid.
     assert pro_score(masks, maps, max_fpr=1.0, valid=valid) < pro_score(masks, maps, max_fpr=1.0)
     assert pro_score(masks, maps, max_fpr=1.0, valid=valid) == pytest.approx(1 - 1 / 8)
+
+
+def test_paired_auroc_difference_against_an_explicit_bootstrap() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(40, int), np.ones(25, int)]
+    a = rng.normal(size=65) + labels
+    b = np.round(a + 0.8 * rng.normal(size=65), 1)  # ties within b and across the classes
+    got = paired_auroc_difference(labels, a, b, resamples=4000, seed=1)
+    assert got["difference"] == pytest.approx(roc_auc_score(labels, a) - roc_auc_score(labels, b), abs=1e-12)
+    # The same stratified, paired bootstrap done the slow way: resample indices, call sklearn.
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    diffs = []
+    for _ in range(1500):
+        idx = np.r_[rng.choice(neg, len(neg)), rng.choice(pos, len(pos))]
+        diffs.append(roc_auc_score(labels[idx], a[idx]) - roc_auc_score(labels[idx], b[idx]))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    assert got["low"] < got["difference"] < got["high"]
+    assert got["low"] == pytest.approx(low, abs=0.02) and got["high"] == pytest.approx(high, abs=0.02)
+
+
+def test_paired_auroc_difference_of_one_ranking_is_exactly_zero() -> None:
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    a = np.array([0.1, 0.4, 0.35, 0.2, 0.8, 0.5])
+    got = paired_auroc_difference(labels, a, 3 * a + 1)  # same order: same AUROC on every resample
+    assert (got["difference"], got["low"], got["high"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(InputError, match="one length"):
+        paired_auroc_difference(labels, a, a[:-1])
+    with pytest.raises(InputError, match="both normal"):
+        paired_auroc_difference(np.ones(6, int), a, a)
