@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from protoad_export.builder import BuildConfig, build
-from protoad_export.evaluate import KnnBaseline, evaluate_engine, image_auroc_differences
+from protoad_export.evaluate import NearestPatchScorer, evaluate_engine, image_auroc_differences
 from protoad_export.images import Preprocessing, training_images
 from protoad_export.thresholds import evenly_spaced
 
@@ -69,38 +69,30 @@ def engine(data: Path, name: str, out: Path, config: BuildConfig) -> tuple[Path,
     return built.engine_dir, time.perf_counter() - t0
 
 
-class TiledPrototypes(KnnBaseline):
+class TiledPrototypes(NearestPatchScorer):
     """ProtoAD's formula (1 - max_k <u, p_k>, bilinear upsample, blur, max) with the engine's
     prototypes searched in the kNN baseline's cache-sized tiles: the network's numbers without its
     [B, K, 56, 56] similarity tensor, which makes ONNX Runtime on a CPU crawl past ~50k prototypes
-    (``--tiled-above``; the run checks it against ONNX Runtime on the largest engine it evaluated
-    both ways)."""
+    (``--tiled-above``; ``--check-tiled`` compares it with ONNX Runtime on one engine)."""
 
-    def __init__(self, engine_dir: Path, manifest: dict) -> None:  # no bank extraction
-        import torch
-
+    def __init__(self, engine_dir: Path, manifest: dict) -> None:
         from protoad_export.artifacts import load_array
-        from protoad_export.features import FeatureExtractor
-        from protoad_export.network import GaussianBlur
-        from protoad_export.runtime import build_torch_network, preprocessing
 
-        self.torch, self.device = torch, torch.device("cpu")
-        self.prep = preprocessing(manifest)
-        self.extractor = FeatureExtractor(build_torch_network(engine_dir, manifest, "fp32").patch_features, self.prep).eval()
-        self.blur = GaussianBlur(self.prep.crop, self.prep.crop)
-        self.bank = torch.from_numpy(np.asarray(load_array(engine_dir, manifest, manifest["prototypes"]["file"]), dtype=np.float32))
+        super().__init__(engine_dir, manifest)
+        protos = load_array(engine_dir, manifest, manifest["prototypes"]["file"])
+        self.bank = self.torch.from_numpy(np.asarray(protos, dtype=np.float32))
 
 
 def evaluate_tiled(engine_dir: Path, report_path: Path | None = None) -> dict:
     """``evaluate_engine``'s ProtoAD entry, scored by ``TiledPrototypes``; with ``report_path`` (an
     ONNX Runtime report of the same engine) also the largest score difference between the two."""
     from protoad_export.artifacts import read_manifest
-    from protoad_export.evaluate import _run, load_test_set, score_metrics
+    from protoad_export.evaluate import load_test_set, run_predictor, score_metrics
 
     manifest = read_manifest(engine_dir)
     scorer = TiledPrototypes(engine_dir, manifest)
     test = load_test_set(DATA, scorer.prep)
-    maps, scores, secs = _run(scorer, manifest, [t.path for t in test.samples], 8, False, "tiled")
+    maps, scores, secs = run_predictor(scorer, manifest, [t.path for t in test.samples], 8, False, "tiled")
     protos = manifest["prototypes"]
     out = {"metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),
            "images_per_second": round(len(scores) / secs, 2), "backend": "torch, tiled max-cosine search", "precision": "fp32",

@@ -123,7 +123,7 @@ def nearest_similarity(queries, bank, query_block: int | None = None, bank_block
 
     On a CPU the default tiles (1024 x 1024) keep the 4 MiB of similarities in cache between the
     product and its row maxima: 286 GFLOPS on this project's 2-core machine against 149 with
-    4096 x 16384 (RESULTS.md section 4). A GPU gets large blocks (kernel launches limit it there).
+    4096 x 16384 (RESULTS.md section 4c). A GPU gets large blocks (kernel launches limit it there).
     """
     import torch
 
@@ -139,14 +139,14 @@ def nearest_similarity(queries, bank, query_block: int | None = None, bank_block
     return best
 
 
-class KnnBaseline:
-    """Exact nearest-neighbour memory bank over all patches of ``paths`` (no subsampling)."""
+class NearestPatchScorer:
+    """Scores each patch as 1 - its max cosine to the rows of ``self.bank`` (set by a subclass),
+    then upsamples, blurs and takes the max exactly as ProtoAD's network does."""
 
-    def __init__(self, engine_dir: str | Path, manifest: dict, paths: Sequence[Path], device: str = "cpu",
-                 batch_size: int = 8, progress: bool = False) -> None:
+    def __init__(self, engine_dir: str | Path, manifest: dict, device: str = "cpu") -> None:
         import torch
 
-        from .features import FeatureExtractor, extract_features
+        from .features import FeatureExtractor
         from .network import GaussianBlur
         from .runtime import build_torch_network, preprocessing
 
@@ -156,15 +156,7 @@ class KnnBaseline:
         net = build_torch_network(engine_dir, manifest, "fp32")
         self.extractor = FeatureExtractor(net.patch_features, self.prep).to(self.device).eval()
         self.blur = GaussianBlur(self.prep.crop, self.prep.crop).to(self.device)
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="protoad-knn-") as tmp, torch.no_grad():
-            # Stored as FP16 like the features the prototypes were fitted on, then searched in FP32.
-            feats = extract_features(self.extractor, list(paths), self.prep, Path(tmp) / "bank.npy",
-                                     batch_size=batch_size, device=self.device, progress=progress, desc="kNN bank")
-            self.bank = torch.from_numpy(np.asarray(feats.array, dtype=np.float32)).to(self.device)
-            self.images = len(feats.used)
-            del feats
-        self.bank_seconds = time.perf_counter() - t0
+        self.bank = None
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 [B, 3, S, S] in [0, 1] -> (maps [B, S, S], scores [B]), like ``Runtime.predict``."""
@@ -181,6 +173,26 @@ class KnnBaseline:
             scores = torch.amax(maps, dim=(1, 2, 3))
         return maps[:, 0].cpu().numpy(), scores.cpu().numpy()
 
+
+class KnnBaseline(NearestPatchScorer):
+    """Exact nearest-neighbour memory bank over all patches of ``paths`` (no subsampling)."""
+
+    def __init__(self, engine_dir: str | Path, manifest: dict, paths: Sequence[Path], device: str = "cpu",
+                 batch_size: int = 8, progress: bool = False) -> None:
+        from .features import extract_features
+
+        super().__init__(engine_dir, manifest, device)
+        torch = self.torch
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="protoad-knn-") as tmp, torch.no_grad():
+            # Stored as FP16 like the features the prototypes were fitted on, then searched in FP32.
+            feats = extract_features(self.extractor, list(paths), self.prep, Path(tmp) / "bank.npy",
+                                     batch_size=batch_size, device=self.device, progress=progress, desc="kNN bank")
+            self.bank = torch.from_numpy(np.asarray(feats.array, dtype=np.float32)).to(self.device)
+            self.images = len(feats.used)
+            del feats
+        self.bank_seconds = time.perf_counter() - t0
+
     def info(self) -> dict:
         rows, dim = self.bank.shape
         return {"bank_images": self.images, "bank_patches": int(rows), "dim": int(dim),
@@ -192,7 +204,7 @@ class KnnBaseline:
 # The whole evaluation
 
 
-def _run(predictor, manifest: dict, paths: Sequence[Path], batch_size: int, progress: bool, desc: str):
+def run_predictor(predictor, manifest: dict, paths: Sequence[Path], batch_size: int, progress: bool, desc: str):
     """Predict all paths in batches; returns (maps, scores, seconds) with decoding included in the time."""
     from tqdm.auto import tqdm
 
@@ -253,7 +265,7 @@ def evaluate_engine(
     paths = [s.path for s in test.samples]
     log(f"evaluating {len(paths)} test images ({', '.join(test.defects)} + good) with {backend}")
     # The prototype-similarity tensor bounds ProtoAD's batch; the kNN blocks its own search.
-    maps, scores, secs = _run(runtime, manifest, paths, fitting_batch(manifest, batch_size), progress, "ProtoAD")
+    maps, scores, secs = run_predictor(runtime, manifest, paths, fitting_batch(manifest, batch_size), progress, "ProtoAD")
     protos = manifest["prototypes"]
     methods = {"protoad": {
         "metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),
@@ -270,7 +282,7 @@ def evaluate_engine(
         bank = bank_images(manifest, baseline_train_images)
         log(f"kNN baseline: memory bank of all patches of {len(bank)} training images")
         knn = KnnBaseline(engine_dir, manifest, bank, device, batch_size, progress)
-        kmaps, kscores, ksecs = _run(knn, manifest, paths, batch_size, progress, "kNN")
+        kmaps, kscores, ksecs = run_predictor(knn, manifest, paths, batch_size, progress, "kNN")
         grid = manifest["train"]["grid"]
         per_image = 2 * grid[0] * grid[1] * knn.bank.shape[0] * knn.bank.shape[1]
         methods["knn"] = {
