@@ -20,6 +20,7 @@ into the same ``--out`` reuses finished engines and evaluations.
     flock /tmp/protoad-bench.lock python benchmarks/eval_magnetic_tile.py --out /tmp/full --bank-images 762 \
         --max-prototypes 10000,50000,200000 --tiled-above 50000 --check-tiled 50000
     python benchmarks/eval_magnetic_tile.py --out /tmp/protoad-bench --table   # Markdown of a finished run
+    python benchmarks/eval_magnetic_tile.py --out /tmp/full --scores-csv scores.csv   # every image's score
 """
 
 from __future__ import annotations
@@ -198,6 +199,25 @@ def table(run: dict, out: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def scores_csv(run: dict, out: Path) -> str:
+    """CSV of every test image's score under each method of a finished run (one column per
+    prototype count and one for each bank), from the evaluation reports in ``out``."""
+    columns: dict[str, list] = {}
+    first_budget = {r["bank_images"]: r["max_prototypes"] for r in reversed(run["rows"]) if r["method"] == "protoad"}
+    images = None
+    for r in run["rows"]:
+        budget = r["max_prototypes"] if r["method"] == "protoad" else first_budget[r["bank_images"]]
+        rows = json.loads((out / f"eval_{r['bank_images']}_{budget}.json").read_text())["image_scores"]
+        if images is None:
+            images = [(row["image"], row["defect"]) for row in rows]
+        assert [row["image"] for row in rows] == [i for i, _ in images]
+        size = r["prototypes"] if r["method"] == "protoad" else r["bank_patches"]
+        columns[f"{r['method']}_{size}"] = [row[r["method"]] for row in rows]
+    lines = [",".join(["image", "defect", *columns])]
+    lines += [",".join([img, defect, *(f"{col[i]:.7f}" for col in columns.values())]) for i, (img, defect) in enumerate(images)]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/protoad-bench"))
@@ -209,9 +229,14 @@ def main() -> None:
                         help="also score the BUDGET engine (evaluated by ONNX Runtime) tiled and report the score difference")
     parser.add_argument("--progress", action="store_true", help="progress bars (stderr) for the long kNN runs")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out/run.json")
+    parser.add_argument("--scores-csv", type=Path, metavar="FILE", help="write every image's score under each method of --out/run.json")
     args = parser.parse_args()
-    if args.table:
-        print(table(json.loads((args.out / "run.json").read_text()), args.out))
+    if args.table or args.scores_csv:
+        run_json = json.loads((args.out / "run.json").read_text())
+        if args.scores_csv:
+            args.scores_csv.write_text(scores_csv(run_json, args.out))
+        if args.table:
+            print(table(run_json, args.out))
         return
     args.argv = sys.argv[1:]
     args.bank_images = [int(v) for v in args.bank_images.split(",")]

@@ -5,7 +5,8 @@
 # torch FP32 eager (the reference), torch FP16, torch FP16 + torch.compile (CUDA graphs),
 # onnxruntime (whichever providers are installed) and tensorrt. On the real category (not with
 # --quick) also: full-train-set builds (wide_resnet50_2 build time, issue 5) and the
-# efficientnet_lite0 engine against the exact kNN bank of all training patches (issue 4).
+# efficientnet_lite0 engine against the exact kNN bank of all training patches (issue 4), and the
+# prototype conv's chunks at 163k prototypes (benchmarks/prototype_chunks.py).
 #
 # Usage: benchmarks/gpu_bench.sh [--device cuda|cpu] [--data DIR] [--out DIR] [--quick] [--dry-run]
 #   --data    MVTec-style category or folder of training images [default: $PROTOAD_SHARED_DATA/magnetic_tile,
@@ -169,5 +170,17 @@ if [ "$QUICK" = 0 ] && [ "$DEVICE" = cuda ] && { [ "$DRY" = 1 ] || [ -d "$DATA/g
     --backbone efficientnet_lite0 --resize-mode letterbox --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --quiet
   run protoad-export eval "$OUTDIR/engines/efficientnet_lite0_full" "$DATA" --baseline knn --device cuda \
     --out "$OUTDIR/eval_full" --json "$OUTDIR/eval_full.json"
+  # FINCH's level 1 (163k prototypes, within 0.3 image AUROC of the bank on a CPU, RESULTS.md 4a):
+  # its accuracy on the GPU, and the prototype conv in chunks (the graph's default, 1024) against
+  # one conv and larger chunks, FP16 torch on the GPU (RESULTS.md 4d measured it on a CPU only).
+  run protoad-export build "$DATA" --name efficientnet_lite0_full_p200000 --out "$OUTDIR/engines" \
+    --backbone efficientnet_lite0 --resize-mode letterbox --max-prototypes 200000 --device cuda \
+    --neighbours "$NEIGHBOURS" --holdout 0 --quiet
+  run protoad-export eval "$OUTDIR/engines/efficientnet_lite0_full_p200000" "$DATA" --backend torch --device cuda \
+    --out "$OUTDIR/eval_full_p200000" --json "$OUTDIR/eval_full_p200000.json"
+  for BATCH in 1 8; do
+    run "$PYTHON" "$REPO/benchmarks/prototype_chunks.py" "$OUTDIR/engines/efficientnet_lite0_full_p200000" \
+      --data "$DATA" --torch-device cuda --chunks 0,1024,4096,16384 --images 64 --batch "$BATCH" --out "$OUTDIR/chunks_b$BATCH.json"
+  done
 fi
 echo "== done: JSON reports in $OUTDIR"

@@ -26,7 +26,7 @@ MAX_EXPORT_BATCH = 1024
 # antialiased Resize, no ops with runtime-computed axes.
 TENSORRT_OPS = frozenset({
     "Add", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Gather", "HardSigmoid", "HardSwish",
-    "MaxPool", "Mul", "Neg", "Reciprocal", "ReduceMax", "ReduceSum", "Relu", "Reshape", "Resize",
+    "Max", "MaxPool", "Mul", "Neg", "Reciprocal", "ReduceMax", "ReduceSum", "Relu", "Reshape", "Resize",
     "Shape", "Sigmoid", "Slice", "Sqrt", "Sub", "Unsqueeze",
 })
 # Ops whose "axes" must be compile-time constants (initializers or Constant nodes) for TensorRT.

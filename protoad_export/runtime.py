@@ -18,9 +18,9 @@ from .images import Preprocessing, load_batch
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-# The network's largest intermediate is the prototype similarity, batch x K x h x w FP32: 5.2 GB
-# at batch 8 with 51k prototypes, and a 51k-prototype eval at batch 8 was killed for memory at
-# 24 GB (ONNX Runtime's arena keeps such buffers). Batches are cut to keep it under this.
+# The network's largest intermediate is the prototype similarity, batch x K x h x w FP32 (K up to
+# network.PROTOTYPE_CHUNK since the conv is chunked; before, a 51k-prototype eval at batch 8 was
+# killed for memory at 24 GB). Batches are cut to keep one chunk's under this.
 SIMILARITY_BUDGET_BYTES = 2 << 30
 
 
@@ -216,8 +216,11 @@ class Predictions:
 
 
 def similarity_batch(prototypes: int, grid: Sequence[int], batch_size: int) -> int:
-    """``batch_size``, cut so the batch's prototype-similarity tensor fits ``SIMILARITY_BUDGET_BYTES``."""
-    per_image = int(prototypes) * int(grid[0]) * int(grid[1]) * 4
+    """``batch_size``, cut so the batch's prototype-similarity tensor (one conv chunk's, at most
+    ``PROTOTYPE_CHUNK`` prototypes) fits ``SIMILARITY_BUDGET_BYTES``."""
+    from .network import PROTOTYPE_CHUNK
+
+    per_image = min(int(prototypes), PROTOTYPE_CHUNK) * int(grid[0]) * int(grid[1]) * 4
     return max(1, min(batch_size, SIMILARITY_BUDGET_BYTES // per_image))
 
 

@@ -100,3 +100,4 @@ def test_gpu_bench_script_is_valid_bash_and_dry_runs():
     assert "protoad-export bench" in out and "--fps" in out
     # The full-scale targets: whole train set with wide_resnet50_2, exact kNN over every patch.
     assert "--name wide_resnet50_2_full" in out and "--baseline knn --device cuda" in out
+    assert "prototype_chunks.py" in out and "--torch-device cuda" in out

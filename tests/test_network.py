@@ -249,3 +249,60 @@ def test_graph_is_what_tensorrt_accepts(exported, precision):
         # the backbone's convolutions run in FP16: only the two blur convs (one channel) stay FP32
         conv_types = [types[n.input[0]] for n in g.node if n.op_type == "Conv"]
         assert conv_types.count(onnx.TensorProto.FLOAT) == 2
+
+
+# ------------------------------------------------------------------------- chunked prototype conv
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 128, N_PROTOTYPES - 1, N_PROTOTYPES, 4096])
+def test_chunked_prototype_conv_equals_one_conv(tiny, chunk):
+    """Chunks of the prototype conv, each with its own channel max, combined by Max: same maps."""
+    x = torch.from_numpy(tiny["images"])
+    whole = ProtoADNetwork(tiny["pf"], tiny["protos"], tiny["prep"], "fp32", chunk=N_PROTOTYPES).eval()
+    parts = ProtoADNetwork(tiny["pf"], tiny["protos"], tiny["prep"], "fp32", chunk=chunk).eval()
+    assert parts.chunks == -(-N_PROTOTYPES // chunk) and parts.n_prototypes == N_PROTOTYPES
+    with torch.no_grad():
+        (m1, s1), (m2, s2) = whole(x), parts(x)
+    np.testing.assert_allclose(m2.numpy(), m1.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(s2.numpy(), s1.numpy(), atol=1e-6, rtol=0)
+
+
+def test_chunk_must_be_positive(tiny):
+    with pytest.raises(ValueError, match="chunk"):
+        ProtoADNetwork(tiny["pf"], tiny["protos"], tiny["prep"], "fp32", chunk=0)
+
+
+@pytest.fixture(scope="module")
+def exported_chunked(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_chunked")
+    files = {}
+    for precision in ("fp32", "fp16"):
+        pf = copy.deepcopy(tiny["pf"]) if precision == "fp16" else tiny["pf"]
+        net = ProtoADNetwork(pf, tiny["protos"], tiny["prep"], precision, chunk=128).eval()
+        files[precision] = onnx_export.export_onnx(net, out / f"model.{precision}.onnx")
+    return files
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_chunked_graph_is_what_tensorrt_accepts(tiny, exported, exported_chunked, precision):
+    """300 prototypes in chunks of 128: three convs with constant [k, C, 1, 1] weights and bias -1
+    in the precision's dtype, their maxima combined by Max in that dtype; ONNX Runtime gives the
+    one-conv graph's outputs."""
+    model = onnx.load(str(exported_chunked[precision]))
+    report = onnx_export.inspect_graph(model)
+    assert report.problems == [] and set(report.ops) <= onnx_export.TENSORRT_OPS
+    g, types, inits, _ = _graph_facts(model)
+    want = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+    proto_convs = [n for n in g.node if n.op_type == "Conv" and n.input[1] in inits
+                   and tuple(inits[n.input[1]].dims[1:]) == (tiny["protos"].shape[1], 1, 1)]
+    assert sorted(inits[n.input[1]].dims[0] for n in proto_convs) == [44, 128, 128]
+    for conv in proto_convs:
+        assert [types[i] for i in conv.input] == [want] * 3
+        assert np.all(onnx.numpy_helper.to_array(inits[conv.input[2]]) == -1)
+    maxes = [n for n in g.node if n.op_type == "Max"]
+    assert len(maxes) == 2 and all(types[i] == want for n in maxes for i in n.input)
+    x = tiny["images"]
+    one = _ort(exported[1][precision]).run(["anomaly_map", "score"], {"image": x})
+    chunked = _ort(exported_chunked[precision]).run(["anomaly_map", "score"], {"image": x})
+    for a, b in zip(chunked, one):
+        np.testing.assert_allclose(a, b, atol=1e-6 if precision == "fp32" else 1e-3, rtol=0)
