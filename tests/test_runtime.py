@@ -8,6 +8,7 @@ import pytest
 from protoad_export.bench import DEFAULT_TOLERANCES
 from protoad_export.errors import InputError, MissingDependencyError
 from protoad_export.images import category_test_set
+from protoad_export.network import PROTOTYPE_CHUNK
 from protoad_export.runtime import SIMILARITY_BUDGET_BYTES, fitting_batch, load, predict_paths, preprocess_paths
 
 
@@ -77,12 +78,17 @@ def test_tampered_file_is_refused(small_engine, tmp_path):
 
 
 def test_batches_are_cut_to_the_similarity_budget():
-    # The prototype-similarity tensor (batch x K x 56 x 56 FP32) is the network's largest
-    # intermediate: a 51k-prototype engine at batch 8 needs 5.2 GB of it and was once OOM-killed.
-    def manifest(k):
-        return {"train": {"grid": [56, 56]}, "prototypes": {"count": k}}
+    # The prototype-similarity tensor (batch x chunk x h x w FP32) is the network's largest
+    # intermediate; before the conv was chunked, a 51k-prototype engine at batch 8 needed 5.2 GB of
+    # it and was once OOM-killed. Now only one chunk's similarities exist at a time.
+    def manifest(k, grid=(56, 56)):
+        return {"train": {"grid": list(grid)}, "prototypes": {"count": k}}
 
     assert fitting_batch(manifest(3_000), 8) == 8
-    big = fitting_batch(manifest(51_361), 8)
-    assert 1 <= big < 8 and big * 51_361 * 56 * 56 * 4 <= SIMILARITY_BUDGET_BYTES
-    assert fitting_batch(manifest(10_000_000), 8) == 1  # never below one image
+    assert fitting_batch(manifest(51_361), 8) == 8  # 8 x 1024 x 56 x 56 x 4 = 103 MB
+    assert fitting_batch(manifest(10_000_000), 8) == 8  # the count beyond one chunk does not matter
+    per_image = PROTOTYPE_CHUNK * 400 * 400 * 4  # a large grid: 655 MB per image and chunk
+    assert fitting_batch(manifest(51_361, (400, 400)), 8) == SIMILARITY_BUDGET_BYTES // per_image < 8
+    small = 100 * 400 * 400 * 4  # fewer prototypes than a chunk: their own count counts
+    assert fitting_batch(manifest(100, (400, 400)), 64) == min(64, SIMILARITY_BUDGET_BYTES // small)
+    assert fitting_batch(manifest(10_000, (4000, 4000)), 8) == 1  # never below one image
