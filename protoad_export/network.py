@@ -46,7 +46,7 @@ BLUR_SIGMA = 4.0
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 # Prototypes per conv. A chunk's similarities (1024 x 56 x 56, 12.8 MB per image in FP32) stay in
 # cache between the conv and its max: ONNX Runtime on this project's 2-core CPU ran the 9,144
-# prototype engine 3.1x faster than one conv, and 40,158 prototypes 3.2x faster with a third of
+# prototype engine 3.1x faster than one conv, and 40,158 prototypes 3.4x faster with a third of
 # the memory (benchmarks/RESULTS.md 4d). Max is an ElementWise layer in TensorRT's ONNX parser.
 PROTOTYPE_CHUNK = 1024
 
