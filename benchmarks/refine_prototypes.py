@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,8 +30,7 @@ from protoad_export.features import extract_features
 from protoad_export.finch import cluster_means
 from protoad_export.images import training_images
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_magnetic_tile import DATA  # noqa: E402  (the benchmark's data location)
+DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 
 
 def nearest_prototype(features: np.ndarray, protos: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +64,11 @@ def main() -> None:
     args = parser.parse_args()
     manifest = read_manifest(args.engine)
     scorer = NearestPatchScorer(args.engine, manifest)
-    if not args.features.exists():
-        extract_features(scorer.extractor, training_images(manifest["train"]["data"]), scorer.prep, args.features,
+    if not args.features.exists():  # a cache: written whole, then renamed, so a killed run leaves none
+        part = args.features.with_suffix(".part.npy")
+        extract_features(scorer.extractor, training_images(manifest["train"]["data"]), scorer.prep, part,
                          batch_size=8, progress=False)
+        os.replace(part, args.features)
     features = np.load(args.features, mmap_mode="r")
     protos = np.asarray(load_array(args.engine, manifest, manifest["prototypes"]["file"]), np.float32)
     steps = []
