@@ -28,7 +28,7 @@ from .backbones import get_spec, load_backbone
 from .errors import InputError
 from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
 from .images import Preprocessing, image_size, is_mvtec_category, training_images
-from .network import ProtoADNetwork, patch_grid
+from .network import PROTOTYPE_CHUNK, ProtoADNetwork, patch_grid
 from .onnx_export import inspect_graph, export_onnx
 from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, sample_rows
 from .runtime import similarity_batch
@@ -67,6 +67,7 @@ class BuildConfig:
     neighbours: str = "auto"
     max_train_patches: int | None = None  # off: cluster every patch; else a seeded uniform sample
     holdout: float = 0.1  # share of normal images kept back for threshold calibration
+    prototype_chunk: int = PROTOTYPE_CHUNK  # prototypes per conv of the graph (network.py)
 
     def __post_init__(self) -> None:
         from .features import ALIGN_MODES
@@ -90,6 +91,8 @@ class BuildConfig:
             )
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0.0 <= self.holdout < 1.0:
             raise InputError(f"holdout must be a share in [0, 1), got {self.holdout!r}")
+        if isinstance(self.prototype_chunk, bool) or not isinstance(self.prototype_chunk, int) or self.prototype_chunk < 1:
+            raise InputError(f"prototype chunk must be a positive integer, got {self.prototype_chunk!r}")
         lo, opt, hi = self.batch_profile
         if not 1 <= lo <= opt <= hi:
             raise InputError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
@@ -208,7 +211,7 @@ def build(
         for precision, filename in ONNX_FILES.items():
             # ProtoADNetwork casts its feature module in place: the FP16 graph gets its own copy.
             features = copy.deepcopy(patch_features) if precision == "fp16" else patch_features
-            net = ProtoADNetwork(features, fit.prototypes, prep, precision).eval()
+            net = ProtoADNetwork(features, fit.prototypes, prep, precision, chunk=config.prototype_chunk).eval()
             export_onnx(net, staging / filename)
             report = inspect_graph(onnx.load(str(staging / filename)))
             graphs[precision] = {"file": filename, "opset": report.opset, "ops": report.ops,
@@ -219,7 +222,7 @@ def build(
 
         t0 = time.perf_counter()
         # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
-        batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size)  # bounded memory
+        batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size, config.prototype_chunk)  # bounded memory
         holdout = score_holdout(network, held_out, prep, config.holdout, device, batch)
         timings["holdout"] = time.perf_counter() - t0
 
@@ -239,7 +242,7 @@ def build(
             "outputs": {"anomaly_map": ["batch", 1, prep.crop, prep.crop], "score": ["batch"]},
             "prototypes": {"file": PROTOTYPES_FILE, "count": int(len(fit.prototypes)),
                            "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
-                           "max_prototypes": config.max_prototypes},
+                           "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
             "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
                       "seconds_per_level": [round(s, 3) for s in fit.finch.seconds]},
             "onnx": graphs,

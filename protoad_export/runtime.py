@@ -64,7 +64,8 @@ def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str =
     prep = preprocessing(manifest)
     protos = load_array(engine_dir, manifest, manifest["prototypes"]["file"])
     grid = patch_grid(prep.crop, backbone.spec.strides[0])
-    return ProtoADNetwork(PatchFeatures(backbone.module, manifest["align"], grid), protos, prep, precision).eval()
+    chunk = manifest["prototypes"].get("chunk", len(protos))  # engines from before chunking: one conv
+    return ProtoADNetwork(PatchFeatures(backbone.module, manifest["align"], grid), protos, prep, precision, chunk=chunk).eval()
 
 
 class TorchRuntime:
@@ -215,18 +216,20 @@ class Predictions:
     scores: np.ndarray
 
 
-def similarity_batch(prototypes: int, grid: Sequence[int], batch_size: int) -> int:
-    """``batch_size``, cut so the batch's prototype-similarity tensor (one conv chunk's, at most
-    ``PROTOTYPE_CHUNK`` prototypes) fits ``SIMILARITY_BUDGET_BYTES``."""
+def similarity_batch(prototypes: int, grid: Sequence[int], batch_size: int, chunk: int | None = None) -> int:
+    """``batch_size``, cut so the batch's prototype-similarity tensor (one conv chunk's: ``chunk``
+    prototypes, ``network.PROTOTYPE_CHUNK`` by default) fits ``SIMILARITY_BUDGET_BYTES``."""
     from .network import PROTOTYPE_CHUNK
 
-    per_image = min(int(prototypes), PROTOTYPE_CHUNK) * int(grid[0]) * int(grid[1]) * 4
+    per_image = min(int(prototypes), chunk or PROTOTYPE_CHUNK) * int(grid[0]) * int(grid[1]) * 4
     return max(1, min(batch_size, SIMILARITY_BUDGET_BYTES // per_image))
 
 
 def fitting_batch(manifest: dict, batch_size: int) -> int:
     """:func:`similarity_batch` for an engine directory's manifest."""
-    return similarity_batch(manifest["prototypes"]["count"], manifest["train"]["grid"], batch_size)
+    protos = manifest["prototypes"]
+    # Engines written before the conv was chunked have one conv over all prototypes.
+    return similarity_batch(protos["count"], manifest["train"]["grid"], batch_size, protos.get("chunk", protos["count"]))
 
 
 def predict_paths(runtime: Runtime, paths: Sequence[Path], batch_size: int = 8, progress: bool = False) -> Predictions:

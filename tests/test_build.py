@@ -134,3 +134,42 @@ def test_disk_full_during_export_leaves_nothing(ten_images, tmp_path, monkeypatc
 def test_manifest_is_json_with_sorted_keys(small_engine):
     text = (small_engine / "manifest.json").read_text()
     assert json.loads(text)["tool"] == "protoad-export"
+
+
+def test_prototype_chunk_changes_the_graph_not_the_scores(ten_images, magnetic_tile, tmp_path):
+    """--prototype-chunk: the default graph runs the prototype conv in chunks of 1,024; one conv
+    over all prototypes (a chunk larger than K) gives the same prototypes and the same scores."""
+    from protoad_export.runtime import load, predict_paths
+
+    chunked = build(ten_images, "chunked", tmp_path, _tiny_config(), log=None, progress=False)
+    whole = build(ten_images, "whole", tmp_path, _tiny_config(prototype_chunk=1_000_000), log=None, progress=False)
+    k = chunked.manifest["prototypes"]["count"]
+    assert k > 1024  # so the default graph really has several chunks
+    assert chunked.manifest["prototypes"]["chunk"] == 1024 and whole.manifest["prototypes"]["chunk"] == 1_000_000
+    assert chunked.manifest["files"]["prototypes.npy"]["sha256"] == whole.manifest["files"]["prototypes.npy"]["sha256"]
+    for precision in ("fp32", "fp16"):
+        convs = chunked.manifest["onnx"][precision]["ops"]["Conv"] - whole.manifest["onnx"][precision]["ops"]["Conv"]
+        assert convs == -(-k // 1024) - 1
+        assert chunked.manifest["onnx"][precision]["ops"]["Max"] == -(-k // 1024) - 1
+        assert "Max" not in whole.manifest["onnx"][precision]["ops"]
+    images = sorted((magnetic_tile / "test" / "crack").iterdir())[:3]
+    a = predict_paths(load(chunked.engine_dir, "onnxruntime"), images)
+    b = predict_paths(load(whole.engine_dir, "onnxruntime"), images)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a.maps, b.maps, atol=1e-6, rtol=0)
+
+
+def test_prototype_chunk_must_be_positive():
+    from protoad_export.errors import InputError
+
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(InputError, match="prototype chunk"):
+            _tiny_config(prototype_chunk=bad)
+
+
+def test_cli_prototype_chunk_default_is_the_networks():
+    from protoad_export.cli import main
+    from protoad_export.network import PROTOTYPE_CHUNK
+
+    option = next(p for p in main.commands["build"].params if p.name == "prototype_chunk")
+    assert option.default == PROTOTYPE_CHUNK == BuildConfig().prototype_chunk

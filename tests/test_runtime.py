@@ -82,7 +82,7 @@ def test_batches_are_cut_to_the_similarity_budget():
     # intermediate; before the conv was chunked, a 51k-prototype engine at batch 8 needed 5.2 GB of
     # it and was once OOM-killed. Now only one chunk's similarities exist at a time.
     def manifest(k, grid=(56, 56)):
-        return {"train": {"grid": list(grid)}, "prototypes": {"count": k}}
+        return {"train": {"grid": list(grid)}, "prototypes": {"count": k, "chunk": PROTOTYPE_CHUNK}}
 
     assert fitting_batch(manifest(3_000), 8) == 8
     assert fitting_batch(manifest(51_361), 8) == 8  # 8 x 1024 x 56 x 56 x 4 = 103 MB
@@ -92,3 +92,9 @@ def test_batches_are_cut_to_the_similarity_budget():
     small = 100 * 400 * 400 * 4  # fewer prototypes than a chunk: their own count counts
     assert fitting_batch(manifest(100, (400, 400)), 64) == min(64, SIMILARITY_BUDGET_BYTES // small)
     assert fitting_batch(manifest(10_000, (4000, 4000)), 8) == 1  # never below one image
+    # The manifest's chunk counts; an engine from before chunking (no "chunk") has one conv.
+    chunked = {"train": {"grid": [56, 56]}, "prototypes": {"count": 51_361, "chunk": 16_384}}
+    assert fitting_batch(chunked, 64) == SIMILARITY_BUDGET_BYTES // (16_384 * 56 * 56 * 4)
+    legacy = manifest(51_361)
+    del legacy["prototypes"]["chunk"]
+    assert fitting_batch(legacy, 8) == SIMILARITY_BUDGET_BYTES // (51_361 * 56 * 56 * 4) < 8

@@ -36,10 +36,14 @@ from . import BatchProfile, handle_errors, main
 @click.option("--max-train-patches", default=None, type=click.IntRange(min=2),
               help="Cluster at most this many patch features: a uniform sample drawn with seed 0 "
                    "(deterministic), trading accuracy for time. Default: all.")
+@click.option("--prototype-chunk", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Prototypes per 1x1 conv of the graph; the chunks' maxima are combined by Max "
+                   "(same scores; 1024 was fastest on a CPU, see benchmarks/RESULTS.md 4d).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def build(data, name, out, backbone, weights, max_prototypes, align, normalize_prototypes, resize_mode,
-          resize, crop, device, batch_profile, batch_size, neighbours, holdout, max_train_patches, quiet) -> None:
+          resize, crop, device, batch_profile, batch_size, neighbours, holdout, max_train_patches, prototype_chunk,
+          quiet) -> None:
     """Fit prototypes on the normal images in DATA and export the complete network.
 
     DATA is a folder of defect-free images or an MVTec-style category (its train/good is used).
@@ -52,7 +56,7 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
         normalize_prototypes=normalize_prototypes,
         preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode),
         device=device, batch_profile=batch_profile, batch_size=batch_size, neighbours=neighbours,
-        holdout=holdout, max_train_patches=max_train_patches,
+        holdout=holdout, max_train_patches=max_train_patches, prototype_chunk=prototype_chunk,
     )
     result = run_build(data, name, out, config, log=click.echo, progress=not quiet)
     m = result.manifest
