@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from protoad_export.artifacts import load_array, read_manifest
-from protoad_export.evaluate import CPU_TILE, NearestPatchScorer, load_test_set, run_predictor, score_metrics
+from protoad_export.evaluate import CPU_TILE, NearestPatchScorer, bank_images, load_test_set, run_predictor, score_metrics
 from protoad_export.features import extract_features
 from protoad_export.finch import cluster_means
-from protoad_export.images import training_images
 
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 
@@ -58,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine", type=Path)
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--features", type=Path, required=True, help="FP16 .npy of the engine's training features (made if missing)")
+    parser.add_argument("--features", type=Path, required=True,
+                        help="FP16 .npy of the engine's fitting images' features (hold-out excluded; made if missing)")
     parser.add_argument("--report", type=Path, help="the engine's evaluation report (eval_magnetic_tile.py) to compare with")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -66,7 +66,7 @@ def main() -> None:
     scorer = NearestPatchScorer(args.engine, manifest)
     if not args.features.exists():  # a cache: written whole, then renamed, so a killed run leaves none
         part = args.features.with_suffix(".part.npy")
-        extract_features(scorer.extractor, training_images(manifest["train"]["data"]), scorer.prep, part,
+        extract_features(scorer.extractor, bank_images(manifest), scorer.prep, part,
                          batch_size=8, progress=False)
         os.replace(part, args.features)
     features = np.load(args.features, mmap_mode="r")
