@@ -8,16 +8,17 @@ the data). ProtoAD stops at the first partition with fewer than ``stop_below`` c
 
 First neighbours, at every level: exact blocked matrix products on a GPU (FP16 products, the best
 candidates re-scored in FP32) or on a CPU for small N; above ``EXACT_CPU_LIMIT`` points on a CPU an
-IVF search (faiss spherical k-means lists, searched list by list as dense products) whose nprobe
-is calibrated at run time against exact search on a sample (``benchmarks/results/finch.md``
-shows why fixed parameters fail). Nothing of size N x N is ever held; a disk-backed input is read
-in chunks whose mapped pages are released after use, so memory is the packed lists (FP32 up to
-``IVF_FLAT_BYTES``, else FP16: the size of the build's FP16 features) plus the cluster means plus
-one chunk.
+IVF search (faiss spherical k-means lists, searched list by list as dense int8 products, the
+lists that can hold the winner re-scored in FP32) whose nprobe is calibrated at run time against
+exhaustive search on a sample (``benchmarks/results/finch.md`` shows why fixed parameters fail).
+Nothing of size N x N is ever held; a disk-backed input is read in chunks whose mapped pages are
+released after use, so memory is the lists' 16-bit copy of the data (two int8 halves: the size of
+the build's FP16 features) plus the cluster means plus one chunk.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import time
@@ -37,7 +38,7 @@ EXACT_CPU_LIMIT = 20_000
 RECALL_TARGET = 0.99
 RECALL_PROBES = 4000  # standard error of the recall estimate near 0.99: 0.16 points
 RECALL_PROBES_MIN = 1000
-RECALL_FLOPS = 2e12  # fewer probes (not below the minimum) where their exact search costs more
+RECALL_OPS = 8e12  # fewer probes (not below the minimum) where their search costs more
 # nprobe must reach the target at this one-sided confidence (z = 1.645: 95 %), i.e. an estimate of
 # 0.9926 for 0.99 on 4,000 probes, so the recall of the whole run is at least the target.
 RECALL_Z = 1.645
@@ -47,13 +48,20 @@ RECALL_Z = 1.645
 IVF_LISTS_PER_ROOT = 1.4
 IVF_TRAIN_PER_LIST = 20
 IVF_KMEANS_ITERATIONS = 8
-# Past this share of lists, gathers and small products make the IVF no cheaper than exact search;
-# above EXACT_FALLBACK_LIMIT points exact search takes many minutes on 2 cores, so the IVF keeps
-# the nprobe that IVF_SCAN_FLOPS allows (a few minutes) and reports its recall instead.
+# Lists ranked per point (and so the deepest nprobe calibrated). If the target needs more, the
+# IVF scans every list (exhaustive search: still int8, re-scored) up to EXHAUSTIVE_LIMIT points;
+# beyond, that takes many minutes on 2 cores, so it keeps the nprobe that IVF_SCAN_OPS (int8
+# multiply-adds x 2: under a minute here) allows and reports its recall instead.
 MAX_PROBE_SHARE = 1 / 4
-EXACT_FALLBACK_LIMIT = 100_000
-IVF_SCAN_FLOPS = 6e12
-IVF_FLAT_BYTES = 4 << 30  # list storage in FP32 up to this size, FP16 beyond
+EXHAUSTIVE_LIMIT = 100_000
+IVF_SCAN_OPS = 2e13
+# The IVF's products run in int8 (VNNI: 3.5-4x the FP32 rate on this CPU, finch.md). For each
+# query, every list whose int8 maximum is within this many standard deviations (of the
+# difference of two rounding errors) of its best is re-scored in FP32 from a 16-bit copy (256x
+# finer than int8, finer than FP16), so the winner is the FP32 winner unless a rounding error
+# exceeds 6 sd or two candidates tie within the 16-bit copy's precision (~1e-5).
+INT8_MARGIN_SIGMAS = 6.0
+_INT32_MIN = np.iinfo(np.int32).min
 # Candidates re-scored in FP32 after FP16 products: FP16 inputs carry ~2^-12 relative error, so
 # close neighbours can swap order; the true winner is found unless more than this many
 # candidates land within that error of it.
@@ -64,6 +72,7 @@ _BLOCK_ELEMENTS = 1 << 24  # similarities per block of exact products (64 MiB in
 # product and its row maxima (at 100k points the scan took 4.6 s at this size, 6.1 s at 64 MiB).
 _SCAN_BLOCK_ELEMENTS = 1 << 20
 _CPU_TILE_ROWS = 2048  # rows per tile of exact CPU search (x 512 columns at that block size)
+_TABLE_ELEMENTS = 1 << 24  # (query, list) pairs searched at once: bounds the IVF's tables
 
 
 def _chunk_rows(x: np.ndarray) -> int:
@@ -75,6 +84,17 @@ def _release_pages(x: np.ndarray) -> None:
     handle = getattr(x, "_mmap", None)
     if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise"):
         handle.madvise(mmap.MADV_DONTNEED)
+
+
+def _fix_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at its default 128 KiB, so freed blocks above it go back to the
+    system. glibc otherwise raises the threshold after each such free (up to 32 MiB), and the
+    IVF's many block-sized temporaries then stay in the heap: 1.55-1.9x instead of 1.2x the data's
+    size in peak RSS growth (tests/test_scale.py). A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _unit_rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -200,115 +220,203 @@ def _exact_for_some(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return arg.numpy(), best.numpy()
 
 
-def _lists_of(rows: np.ndarray, centroids: torch.Tensor, p: int) -> np.ndarray:
-    """The ``p`` lists whose centroids are most similar to each unit row, best first."""
-    return (torch.from_numpy(rows) @ centroids.T).topk(p, dim=1).indices.numpy().astype(np.int32)
+def _int8_rows(rows: np.ndarray, scale: float | None = None) -> torch.Tensor:
+    """Unit rows rounded to int8 at ``scale``, one for all rows (their products then compare across
+    rows), or without it each row at its own largest scale (only comparisons within a row hold)."""
+    t = torch.from_numpy(rows)
+    if scale is None:
+        return torch.round(t * (127 / t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12))).to(torch.int8)
+    return torch.round(t * scale).to(torch.int8)
 
 
-def _scan_lists(packed: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray, lists: np.ndarray,
-                best: np.ndarray, arg: np.ndarray) -> None:
-    """For each list, the queries that probe it (``lists`` [Q, p]) against its members, as dense
-    products; ``best``/``arg`` (packed positions) keep each query's best so far."""
-    q_of = np.repeat(np.arange(len(query_pos)), lists.shape[1])
-    by_list = np.argsort(lists.ravel(), kind="stable")
-    q_sorted = q_of[by_list]
-    starts = np.searchsorted(lists.ravel()[by_list], np.arange(len(bounds)))
-    for lst in np.flatnonzero(np.diff(starts)):  # only the lists some query probes
-        lo, hi = bounds[lst], bounds[lst + 1]
-        qs = q_sorted[starts[lst] : starts[lst + 1]]
+def _lists_of(packed8: torch.Tensor, pos: np.ndarray, centroids8: torch.Tensor, p: int, ordered: bool = True) -> np.ndarray:
+    """The ``p`` lists whose centroids are most similar to the int8 rows at ``pos``, best first if
+    ``ordered`` (the scan needs only the set: half the cost); in blocks of bounded size."""
+    step = max(1, _SCAN_BLOCK_ELEMENTS * 4 // len(centroids8))
+    dtype = np.int16 if len(centroids8) <= np.iinfo(np.int16).max else np.int32
+    return np.concatenate([
+        torch._int_mm(packed8.index_select(0, torch.from_numpy(pos[s : s + step])), centroids8.T)
+        .topk(p, dim=1, sorted=ordered).indices.numpy().astype(dtype)
+        for s in range(0, len(pos), step)
+    ])
+
+
+def _split16(rows: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows as 16-bit fixed point (``scale * 256`` per unit) split into two int8 halves:
+    ``high`` is the row rounded at ``scale`` (the scan's int8 copy), ``high * 256 + low`` the row
+    to 1/256 of that step (for re-scoring: finer than FP16)."""
+    fixed = torch.round(torch.from_numpy(rows) * (scale * 256))
+    high = torch.floor(fixed / 256 + 0.5)  # low stays in [-128, 127]
+    return high.to(torch.int8), (fixed - 256 * high).to(torch.int8)
+
+
+def _joined(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Unit FP32 rows from their two int8 halves."""
+    rows = high.float() * 256 + low.float()
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _by_range(ranges: np.ndarray, n_ranges: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (flat indices of ``ranges``) grouped by range, and where each range's group starts."""
+    by = torch.argsort(torch.from_numpy(ranges), stable=True).numpy()  # 2-4x numpy's on 2 cores
+    return by, np.concatenate([[0], np.cumsum(np.bincount(ranges, minlength=n_ranges))])
+
+
+def _range_maxima(packed8: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Int8 maximum product of each query (packed position ``query_pos``) over each of its
+    ``ranges`` [Q, p] (packed positions ``bounds[r]:bounds[r+1]``), self excluded; the int32
+    minimum where a range holds nothing else. A range is taken once, against all the queries
+    that ask for it, as one product."""
+    q, p = ranges.shape
+    by, starts = _by_range(ranges.reshape(-1), len(bounds) - 1)
+    pos_sorted = query_pos[by // p]
+    found = np.empty(q * p, dtype=np.int32)
+    for r in np.flatnonzero(np.diff(starts)):
+        lo, hi = bounds[r], bounds[r + 1]
+        if hi == lo:
+            found[starts[r] : starts[r + 1]] = _INT32_MIN
+            continue
+        members = packed8[lo:hi].T.contiguous()
+        step = max(1, _SCAN_BLOCK_ELEMENTS // (hi - lo))
+        for s in range(starts[r], starts[r + 1], step):
+            pos = pos_sorted[s : min(s + step, starts[r + 1])]
+            sims = torch._int_mm(packed8.index_select(0, torch.from_numpy(pos)), members)
+            own = np.flatnonzero((pos >= lo) & (pos < hi))
+            sims[torch.from_numpy(own), torch.from_numpy(pos[own] - lo)] = _INT32_MIN
+            found[s : s + len(pos)] = sims.amax(dim=1).numpy()
+    out = np.empty_like(found)
+    out[by] = found
+    return out.reshape(q, p)
+
+
+def _rescore(packed8: torch.Tensor, low8: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray,
+             pair_query: np.ndarray, pair_range: np.ndarray, best: np.ndarray, arg: np.ndarray) -> None:
+    """FP32 products of the 16-bit rows (``_split16``) for the (query, range) pairs; ``best``/``arg``
+    (packed positions) of the queries at ``query_pos`` are updated in place, self excluded."""
+    by, starts = _by_range(pair_range, len(bounds) - 1)
+    q_sorted = pair_query[by]
+    for r in np.flatnonzero(np.diff(starts)):
+        lo, hi = bounds[r], bounds[r + 1]
         if hi == lo:
             continue
-        members = packed[lo:hi].float().T
+        members = _joined(packed8[lo:hi], low8[lo:hi]).T
+        qs = q_sorted[starts[r] : starts[r + 1]]
         step = max(1, _SCAN_BLOCK_ELEMENTS // (hi - lo))
         for s in range(0, len(qs), step):
-            sub = qs[s : s + step]
+            sub = qs[s : s + step]  # each query once per range
             pos = query_pos[sub]
-            sims = packed.index_select(0, torch.from_numpy(pos)).float() @ members
+            at = torch.from_numpy(pos)
+            sims = _joined(packed8.index_select(0, at), low8.index_select(0, at)) @ members
             own = np.flatnonzero((pos >= lo) & (pos < hi))
             sims[torch.from_numpy(own), torch.from_numpy(pos[own] - lo)] = -torch.inf
-            # Row maxima without indices cost a seventh of max(dim=1); only the few rows that
-            # beat their best so far (lists come in list order, not probe order) need the index.
-            better = np.flatnonzero(sims.amax(dim=1).numpy() > best[sub])
-            if len(better):
-                val, top = sims[torch.from_numpy(better)].max(dim=1)
-                best[sub[better]] = val.numpy()
-                arg[sub[better]] = top.numpy() + lo
+            val, top = (t.numpy() for t in sims.max(dim=1))
+            better = val > best[sub]
+            best[sub[better]] = val[better]
+            arg[sub[better]] = top[better] + lo
+
+
+def _best_in_ranges(packed8: torch.Tensor, low8: torch.Tensor, scale: float, bounds: np.ndarray,
+                    query_pos: np.ndarray, ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First neighbour (packed position, FP32 similarity; -1 / -inf if none) of each query at
+    ``query_pos`` among the members of its ``ranges`` [Q, p]: int8 products find the ranges that
+    can hold it, which are then re-scored in FP32 (``INT8_MARGIN_SIGMAS``)."""
+    approx = _range_maxima(packed8, bounds, query_pos, ranges)
+    # A product of two unit vectors rounded at ``scale`` is off by sd sqrt(1/6)/scale (cosine
+    # units); the difference of two such errors, in int8 product units: sqrt(1/3) * scale.
+    margin = int(math.ceil(INT8_MARGIN_SIGMAS * math.sqrt(1 / 3) * scale))
+    pair_query, pair_j = np.nonzero(approx >= approx.max(axis=1, keepdims=True).astype(np.int64) - margin)
+    best = np.full(len(query_pos), -np.inf, dtype=np.float32)
+    arg = np.full(len(query_pos), -1, dtype=np.int64)
+    _rescore(packed8, low8, bounds, query_pos, pair_query, ranges[pair_query, pair_j], best, arg)
+    return arg, best
 
 
 def approx_first_neighbours(
     x: np.ndarray, nprobe: int | None = None, nlist: int | None = None, seed: int = 0,
     target: float = RECALL_TARGET,
-) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """First neighbours by an inverted-file (IVF) search run as dense products.
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """First neighbours by an inverted-file (IVF) search run as dense int8 products.
 
     Spherical k-means (faiss) cuts the unit vectors into ``nlist`` lists; each point is compared
     with the members of the ``nprobe`` lists whose centroids are most similar to it, as a
-    standard IVF does, but list by list as one matrix product with all the queries that probe
-    that list (BLAS speed: 1.6x faster than faiss's per-query scans at 100k points on 2 cores,
-    same candidates; finch.md). Without ``nprobe`` it is calibrated: up to ``RECALL_PROBES``
-    sampled points get an exact search, and nprobe is the smallest that probes the list holding
-    the exact neighbour for a ``target`` share of them at 95 % one-sided confidence (0.9926 on
-    4,000 probes for 0.99). Returns ``None`` when that
-    needs more than ``MAX_PROBE_SHARE`` of the lists (exact products are then as cheap); above
-    ``EXACT_FALLBACK_LIMIT`` points the nprobe that ``IVF_SCAN_FLOPS`` allows is kept instead
-    and its recall reported. Also returns ``{"nlist", "nprobe", "recall"}``.
+    standard IVF does, but list by list as one int8 matrix product with all the queries that
+    probe that list; the lists within the int8 error of a query's best are re-scored in FP32 from
+    a 16-bit copy, so the neighbour found is the FP32 best of the probed lists (finch.md). Without
+    ``nprobe`` it is calibrated: up to ``RECALL_PROBES`` sampled points get the same search over
+    all lists, and nprobe is the smallest that probes the list holding that exact neighbour for a
+    ``target`` share of them at 95 % one-sided confidence (0.9926 on 4,000 probes for 0.99).
+    If that needs more than ``MAX_PROBE_SHARE`` of the lists, every list is scanned (an exhaustive
+    search, nprobe = nlist) up to ``EXHAUSTIVE_LIMIT`` points; above, the nprobe that
+    ``IVF_SCAN_OPS`` allows is kept and its recall reported. Also returns ``{"nlist", "nprobe",
+    "recall"}``.
     """
     import faiss
 
+    _fix_mmap_threshold()
     n, dim = x.shape
     nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))))
     rng = np.random.default_rng(seed)
     kmeans = faiss.Kmeans(dim, nlist, niter=IVF_KMEANS_ITERATIONS, seed=seed, spherical=True, min_points_per_centroid=1)
     kmeans.train(_unit_sample(x, np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))))
-    centroids = torch.from_numpy(kmeans.centroids)
+    centroids8 = _int8_rows(kmeans.centroids, 127 / max(float(np.abs(kmeans.centroids).max()), 1e-12))
     step = _chunk_rows(x)
     per_list = n / nlist
-    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_FLOPS / (2 * n * per_list * dim))))
-    # One pass ranks, for every row, the most lists it may probe (home first); calibration and
-    # the scan both read this table, so the N x nlist products are paid once.
+    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS / (2 * n * per_list * dim))))
+    # One pass finds each row's home list and the largest coordinate, which sets the int8 scale.
     depth = min(nlist, max(cap, nprobe or 1))
-    ranked = np.concatenate([_lists_of(_unit_rows(x, s, s + step), centroids, depth) for s in range(0, n, step)])
-    ranked = ranked.astype(np.int16 if nlist <= np.iinfo(np.int16).max else np.int32)
-    home = ranked[:, 0].astype(np.int64)
+    home, peak = [], 1e-12
+    for s in range(0, n, step):
+        rows = _unit_rows(x, s, s + step)
+        peak = max(peak, float(np.abs(rows).max()))
+        home.append(torch._int_mm(_int8_rows(rows), centroids8.T).argmax(dim=1).numpy())
+    home = np.concatenate(home)
     order = np.argsort(home, kind="stable")  # packed position -> row
     bounds = np.searchsorted(home[order], np.arange(nlist + 1))
     where = np.empty(n, dtype=np.int64)  # row -> packed position
     where[order] = np.arange(n)
-    # FP32 when it fits (exact products), else FP16 (half the memory, products off by ~1e-4).
-    packed = torch.empty((n, dim), dtype=torch.float32 if n * dim * 4 <= IVF_FLAT_BYTES else torch.float16)
+    scale = 127 / peak
+    # The data in list order as 16-bit fixed point in two int8 halves (together the size of FP16):
+    # the high half alone is the scan's int8 copy, both re-score. In memory, since rows of a
+    # memmap read out of order map whole runs of pages around each row.
+    packed8 = torch.empty((n, dim), dtype=torch.int8)
+    low8 = torch.empty((n, dim), dtype=torch.int8)
     for s in range(0, n, step):
-        packed[torch.from_numpy(where[s : s + step])] = torch.from_numpy(_unit_rows(x, s, s + step)).to(packed.dtype)
+        at = torch.from_numpy(where[s : s + step])
+        packed8[at], low8[at] = _split16(_unit_rows(x, s, s + step), scale)
+    search = lambda rows, lists: _best_in_ranges(packed8, low8, scale, bounds, where[rows], lists)  # noqa: E731
+    # Lists are ranked from the int8 rows, the same way for the calibration and the scan.
+    lists_of = lambda rows, p, ordered=True: _lists_of(packed8, where[rows], centroids8, p, ordered)  # noqa: E731
+    every_list = lambda count: np.tile(np.arange(nlist, dtype=np.int16 if nlist < 2**15 else np.int32), (count, 1))  # noqa: E731
     estimate = None
     if nprobe is None:
         # A probe is found at depth p when the home list of its exact first neighbour is among
         # its first p lists (another, equally similar neighbour elsewhere would only help), so one
         # exact search of the probes gives the recall at every nprobe without scanning.
-        count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_FLOPS / (2 * n * dim))))
+        count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_OPS / (2 * n * dim))))
         probes = np.sort(rng.choice(n, size=count, replace=False))
-        exact_arg, _ = _exact_for_some(x, probes)
-        here = ranked[probes] == home[exact_arg][:, None]
+        exact_pos, _ = search(probes, every_list(count))
+        here = lists_of(probes, depth) == home[order[exact_pos]][:, None]
         hit_rank = np.where(here.any(axis=1), here.argmax(axis=1), depth)
         recall_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count  # [p-1]
         needed = min(1.0, target + RECALL_Z * math.sqrt(target * (1 - target) / count))
         reached = np.flatnonzero(recall_at >= needed)
         if len(reached):
             nprobe = int(reached[0]) + 1
-        elif n <= EXACT_FALLBACK_LIMIT and depth < nlist:
-            return None
+        elif n <= EXHAUSTIVE_LIMIT:
+            nprobe = nlist
         else:
             nprobe = depth
-        estimate = float(recall_at[nprobe - 1])
-    nprobe = min(nprobe, depth)
-    best = np.full(n, -np.inf, dtype=np.float32)
-    arg = np.zeros(n, dtype=np.int64)
-    for s in range(0, n, 1 << 20):  # bounded [rows, nprobe] list table
-        rows = np.arange(s, min(n, s + (1 << 20)))
-        lists = ranked[s : s + len(rows), :nprobe]
-        sub_best, sub_arg = best[rows], arg[rows]
-        _scan_lists(packed, bounds, where[rows], lists, sub_best, sub_arg)
-        best[rows], arg[rows] = sub_best, sub_arg
-    idx = order[arg]
-    missing = np.flatnonzero(~np.isfinite(best))  # alone in every probed list
+        estimate = float(recall_at[nprobe - 1]) if nprobe <= depth else 1.0
+    nprobe = min(nprobe, nlist)  # below nlist, within the ranked depth
+    idx = np.empty(n, dtype=np.int64)
+    best = np.empty(n, dtype=np.float32)
+    per_chunk = max(1, _TABLE_ELEMENTS // nprobe)
+    for s in range(0, n, per_chunk):  # bounded [rows, nprobe] tables
+        rows = np.arange(s, min(n, s + per_chunk))
+        lists = every_list(len(rows)) if nprobe == nlist else lists_of(rows, nprobe, False)
+        found, best[rows] = search(rows, lists)
+        idx[rows] = np.where(found >= 0, order[found], -1)
+    missing = np.flatnonzero(idx < 0)  # alone in every probed list
     if len(missing):
         idx[missing], best[missing] = _exact_for_some(x, missing)
     return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate}
@@ -337,10 +445,7 @@ def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device |
         raise InputError("FINCH needs at least two points")
     if method == "exact" or (method == "auto" and (device.type == "cuda" or len(x) <= EXACT_CPU_LIMIT)):
         return (*exact_first_neighbours(x, device), "exact")
-    found = approx_first_neighbours(x)
-    if found is None:  # the recall target needs most lists: exact products are cheaper
-        return (*exact_first_neighbours(x, device), "exact")
-    idx, sim, info = found
+    idx, sim, info = approx_first_neighbours(x)
     return idx, sim, f"ivf {info['nprobe']}/{info['nlist']} recall~{info['recall']:.3f}"
 
 

@@ -137,14 +137,53 @@ def test_ivf_calibrates_nprobe_to_the_recall_target():
         assert (fixed == idx).all()
 
 
-def test_ivf_gives_way_to_exact_when_recall_needs_most_lists(monkeypatch):
+def assert_fp32_winners(x: np.ndarray, idx: np.ndarray, sim: np.ndarray) -> None:
+    """Each found neighbour is the exact one, or as similar within the re-scoring's precision:
+    16-bit fixed point (1/256 of the int8 step), products off by sd sqrt(1/6) / (256 * scale)."""
+    exact_idx, exact_sim = exact_first_neighbours(x)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    tol = 12 * np.sqrt(1 / 6) / (256 * 127 / np.abs(unit).max())
+    found = np.einsum("ij,ij->i", unit, unit[idx])
+    assert (idx != np.arange(len(x))).all()
+    assert (found >= exact_sim - tol).all() and np.abs(sim - found).max() < tol
+    assert np.mean(idx == exact_idx) > 0.99  # and different points only in near ties
+
+
+def test_ivf_scans_every_list_when_recall_needs_most_lists(monkeypatch):
     from protoad_export import finch as finch_module
 
     x = np.random.default_rng(8).normal(size=(3000, 64)).astype(np.float32)  # no structure at all
-    assert approx_first_neighbours(x) is None
+    idx, sim, info = approx_first_neighbours(x)
+    assert info["nprobe"] == info["nlist"] and info["recall"] == 1.0
+    assert_fp32_winners(x, idx, sim)
     monkeypatch.setattr(finch_module, "EXACT_CPU_LIMIT", 100)
-    idx, _, how = first_neighbours(x)
-    assert how == "exact"
+    assert first_neighbours(x)[2].startswith(f"ivf {info['nlist']}/{info['nlist']} recall~1.000")
+    # Above the exhaustive limit the IVF keeps the deepest nprobe it ranked and reports its recall.
+    monkeypatch.setattr(finch_module, "EXHAUSTIVE_LIMIT", 100)
+    _, _, capped = approx_first_neighbours(x)
+    assert capped["nprobe"] == int(capped["nlist"] * finch_module.MAX_PROBE_SHARE) and capped["recall"] < 0.99
+
+
+def test_int8_products_with_fp32_rescore_find_the_fp32_winner():
+    """Neighbours closer than the int8 rounding error: int8 products alone pick another point for
+    many queries; with the lists inside the margin re-scored in FP32, every winner is exact."""
+    from protoad_export import finch as finch_module
+
+    x = clustered(4000, dim=64, centres=400, noise=0.02, seed=11)
+    exact_idx, _ = exact_first_neighbours(x)
+    idx, sim, info = approx_first_neighbours(x, nprobe=10**6)  # every list: only rounding can err
+    assert info["nprobe"] == info["nlist"] > 1
+    assert_fp32_winners(x, idx, sim)
+    scale = 127 / np.abs(x).max()
+    q = np.round(x * scale).astype(np.int32)
+    approx = q @ q.T
+    np.fill_diagonal(approx, np.iinfo(np.int32).min)
+    assert np.mean(approx.argmax(axis=1) != exact_idx) > 0.1  # the test's premise
+    # The margin's error model: a product of unit vectors rounded at `scale` is off by sd
+    # sqrt(1/6) / scale; the largest error seen stays inside the margin's half.
+    err = approx[np.triu_indices(len(x), 1)] / scale**2 - (x @ x.T)[np.triu_indices(len(x), 1)]
+    assert abs(err.std() * scale / np.sqrt(1 / 6) - 1) < 0.1
+    assert np.abs(err).max() < finch_module.INT8_MARGIN_SIGMAS * np.sqrt(1 / 3) / scale / 2 * 1.5
 
 
 def test_ivf_never_returns_self_or_missing():

@@ -34,9 +34,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     F._CHUNK_BYTES = 1 << 22  # small chunks and blocks: the bound is about the design, not them
     F._BLOCK_ELEMENTS = 1 << 20
     F.IVF_TRAIN_PER_LIST = 5
-    F.IVF_FLAT_BYTES = 0  # the FP16 index that large inputs get
-    F.EXACT_FALLBACK_LIMIT = 0  # stay on the IVF path whatever recall FP16 storage reaches
-    F.IVF_SCAN_FLOPS = 1e10  # and keep it short
+    F.EXHAUSTIVE_LIMIT = 0  # keep the capped nprobe, never scan every list
+    F.IVF_SCAN_OPS = 1e10  # and keep it short
     F.IVF_LISTS_PER_ROOT = 0.5
     data = np.load(path, mmap_mode="r")
     F.finch(np.asarray(data[:3000], dtype=np.float32), method="approx")  # BLAS/OpenMP buffers: not data
@@ -50,9 +49,9 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 
 def test_finch_on_a_memmap_stays_below_its_size(tmp_path):
-    """Peak RSS growth during FINCH on a 60 MB FP16 memmap: the FP16 index (1x the array) plus
-    chunks. Loading it whole as FP32 (what finch-clust does) or keeping its pages mapped would
-    each add another 2x or 1x on top; N x N would be 14 GB."""
+    """Peak RSS growth during FINCH on a 60 MB FP16 memmap: the index's 16-bit copy in two int8
+    halves (1x the array) plus chunks. Loading it whole as FP32 (what finch-clust does) or keeping
+    its pages mapped would each add another 2x or 1x on top; N x N would be 14 GB."""
     n, dim = 60_000, 512
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, str(tmp_path / "x.npy"), str(n), str(dim)],
