@@ -18,7 +18,6 @@ the build's FP16 features) plus the cluster means plus one chunk.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import mmap
 import time
@@ -84,17 +83,6 @@ def _release_pages(x: np.ndarray) -> None:
     handle = getattr(x, "_mmap", None)
     if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise"):
         handle.madvise(mmap.MADV_DONTNEED)
-
-
-def _fix_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold at its default 128 KiB, so freed blocks above it go back to the
-    system. glibc otherwise raises the threshold after each such free (up to 32 MiB), and the
-    IVF's many block-sized temporaries then stay in the heap: 1.55-1.9x instead of 1.2x the data's
-    size in peak RSS growth (tests/test_scale.py). A no-op where there is no glibc."""
-    try:
-        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _unit_rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -221,33 +209,33 @@ def _exact_for_some(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _int8_rows(rows: np.ndarray, scale: float | None = None) -> torch.Tensor:
-    """Unit rows rounded to int8 at ``scale``, one for all rows (their products then compare across
-    rows), or without it each row at its own largest scale (only comparisons within a row hold)."""
+    """Unit rows (overwritten) rounded to int8 at ``scale``, one for all rows (their products then
+    compare across rows), or without it each row at its own largest scale (only comparisons
+    within a row hold)."""
     t = torch.from_numpy(rows)
-    if scale is None:
-        return torch.round(t * (127 / t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12))).to(torch.int8)
-    return torch.round(t * scale).to(torch.int8)
+    t.mul_(scale if scale is not None else 127 / t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12))
+    return t.round_().to(torch.int8)
 
 
-def _lists_of(packed8: torch.Tensor, pos: np.ndarray, centroids8: torch.Tensor, p: int, ordered: bool = True) -> np.ndarray:
-    """The ``p`` lists whose centroids are most similar to the int8 rows at ``pos``, best first if
-    ``ordered`` (the scan needs only the set: half the cost); in blocks of bounded size."""
-    step = max(1, _SCAN_BLOCK_ELEMENTS * 4 // len(centroids8))
-    dtype = np.int16 if len(centroids8) <= np.iinfo(np.int16).max else np.int32
-    return np.concatenate([
-        torch._int_mm(packed8.index_select(0, torch.from_numpy(pos[s : s + step])), centroids8.T)
-        .topk(p, dim=1, sorted=ordered).indices.numpy().astype(dtype)
-        for s in range(0, len(pos), step)
-    ])
+def _lists_of(packed8: torch.Tensor, pos: np.ndarray, centroids8t: torch.Tensor, p: int, ordered: bool = True) -> np.ndarray:
+    """The ``p`` lists whose centroids (int8, [C, nlist]) are most similar to the int8 rows at
+    ``pos``, best first if ``ordered`` (the scan needs only the set: half the cost)."""
+    step = max(1, _SCAN_BLOCK_ELEMENTS // max(centroids8t.shape))
+    # Written into one array: small results kept between block-sized temporaries fragment the heap.
+    out = np.empty((len(pos), p), dtype=np.int16 if centroids8t.shape[1] <= np.iinfo(np.int16).max else np.int32)
+    for s in range(0, len(pos), step):
+        scores = torch._int_mm(packed8.index_select(0, torch.from_numpy(pos[s : s + step])), centroids8t)
+        out[s : s + step] = scores.topk(p, dim=1, sorted=ordered).indices.numpy()
+    return out
 
 
 def _split16(rows: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit rows as 16-bit fixed point (``scale * 256`` per unit) split into two int8 halves:
+    """Unit rows (overwritten) as 16-bit fixed point (``scale * 256`` per unit) in two int8 halves:
     ``high`` is the row rounded at ``scale`` (the scan's int8 copy), ``high * 256 + low`` the row
     to 1/256 of that step (for re-scoring: finer than FP16)."""
-    fixed = torch.round(torch.from_numpy(rows) * (scale * 256))
-    high = torch.floor(fixed / 256 + 0.5)  # low stays in [-128, 127]
-    return high.to(torch.int8), (fixed - 256 * high).to(torch.int8)
+    fixed = torch.from_numpy(rows).mul_(scale * 256).round_()  # in place: ``rows`` is spent
+    high = fixed.div(256).add_(0.5).floor_()  # so that low stays in [-128, 127]
+    return high.to(torch.int8), fixed.sub_(high, alpha=256).to(torch.int8)
 
 
 def _joined(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -352,24 +340,23 @@ def approx_first_neighbours(
     """
     import faiss
 
-    _fix_mmap_threshold()
     n, dim = x.shape
     nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))))
     rng = np.random.default_rng(seed)
     kmeans = faiss.Kmeans(dim, nlist, niter=IVF_KMEANS_ITERATIONS, seed=seed, spherical=True, min_points_per_centroid=1)
     kmeans.train(_unit_sample(x, np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))))
-    centroids8 = _int8_rows(kmeans.centroids, 127 / max(float(np.abs(kmeans.centroids).max()), 1e-12))
+    # Transposed once: a transposed view as the second operand costs a copy per product.
+    centroids8t = _int8_rows(kmeans.centroids.copy(), 127 / max(float(np.abs(kmeans.centroids).max()), 1e-12)).T.contiguous()
     step = _chunk_rows(x)
     per_list = n / nlist
     cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS / (2 * n * per_list * dim))))
     # One pass finds each row's home list and the largest coordinate, which sets the int8 scale.
     depth = min(nlist, max(cap, nprobe or 1))
-    home, peak = [], 1e-12
+    home, peak = np.empty(n, dtype=np.int64), 1e-12
     for s in range(0, n, step):
         rows = _unit_rows(x, s, s + step)
         peak = max(peak, float(np.abs(rows).max()))
-        home.append(torch._int_mm(_int8_rows(rows), centroids8.T).argmax(dim=1).numpy())
-    home = np.concatenate(home)
+        home[s : s + step] = torch._int_mm(_int8_rows(rows), centroids8t).argmax(dim=1).numpy()
     order = np.argsort(home, kind="stable")  # packed position -> row
     bounds = np.searchsorted(home[order], np.arange(nlist + 1))
     where = np.empty(n, dtype=np.int64)  # row -> packed position
@@ -385,7 +372,7 @@ def approx_first_neighbours(
         packed8[at], low8[at] = _split16(_unit_rows(x, s, s + step), scale)
     search = lambda rows, lists: _best_in_ranges(packed8, low8, scale, bounds, where[rows], lists)  # noqa: E731
     # Lists are ranked from the int8 rows, the same way for the calibration and the scan.
-    lists_of = lambda rows, p, ordered=True: _lists_of(packed8, where[rows], centroids8, p, ordered)  # noqa: E731
+    lists_of = lambda rows, p, ordered=True: _lists_of(packed8, where[rows], centroids8t, p, ordered)  # noqa: E731
     every_list = lambda count: np.tile(np.arange(nlist, dtype=np.int16 if nlist < 2**15 else np.int32), (count, 1))  # noqa: E731
     estimate = None
     if nprobe is None:
