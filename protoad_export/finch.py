@@ -252,6 +252,21 @@ def _by_range(ranges: np.ndarray, n_ranges: int) -> tuple[np.ndarray, np.ndarray
     return by, np.concatenate([[0], np.cumsum(np.bincount(ranges, minlength=n_ranges))])
 
 
+def _range_blocks(bounds: np.ndarray, starts: np.ndarray):
+    """For each range some pairs ask for: its packed positions ``lo, hi`` and the slices of its
+    pairs (in ``_by_range`` order) whose products with its members fill one cache-sized block."""
+    for r in np.flatnonzero(np.diff(starts)):
+        lo, hi = int(bounds[r]), int(bounds[r + 1])
+        step = max(1, _SCAN_BLOCK_ELEMENTS // max(1, hi - lo))
+        yield lo, hi, [slice(a, min(a + step, starts[r + 1])) for a in range(starts[r], starts[r + 1], step)]
+
+
+def _exclude_self(sims: torch.Tensor, pos: np.ndarray, lo: int, hi: int, value) -> None:
+    """Set each query's product with itself (packed position ``pos`` in ``lo:hi``) to ``value``."""
+    own = np.flatnonzero((pos >= lo) & (pos < hi))
+    sims[torch.from_numpy(own), torch.from_numpy(pos[own] - lo)] = value
+
+
 def _range_maxima(packed8: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     """Int8 maximum product of each query (packed position ``query_pos``) over each of its
     ``ranges`` [Q, p] (packed positions ``bounds[r]:bounds[r+1]``), self excluded; the int32
@@ -260,20 +275,16 @@ def _range_maxima(packed8: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarr
     q, p = ranges.shape
     by, starts = _by_range(ranges.reshape(-1), len(bounds) - 1)
     pos_sorted = query_pos[by // p]
-    found = np.empty(q * p, dtype=np.int32)
-    for r in np.flatnonzero(np.diff(starts)):
-        lo, hi = bounds[r], bounds[r + 1]
+    found = np.full(q * p, _INT32_MIN, dtype=np.int32)  # stays where a range is empty
+    for lo, hi, blocks in _range_blocks(bounds, starts):
         if hi == lo:
-            found[starts[r] : starts[r + 1]] = _INT32_MIN
             continue
         members = packed8[lo:hi].T.contiguous()
-        step = max(1, _SCAN_BLOCK_ELEMENTS // (hi - lo))
-        for s in range(starts[r], starts[r + 1], step):
-            pos = pos_sorted[s : min(s + step, starts[r + 1])]
+        for block in blocks:
+            pos = pos_sorted[block]
             sims = torch._int_mm(packed8.index_select(0, torch.from_numpy(pos)), members)
-            own = np.flatnonzero((pos >= lo) & (pos < hi))
-            sims[torch.from_numpy(own), torch.from_numpy(pos[own] - lo)] = _INT32_MIN
-            found[s : s + len(pos)] = sims.amax(dim=1).numpy()
+            _exclude_self(sims, pos, lo, hi, _INT32_MIN)
+            found[block] = sims.amax(dim=1).numpy()
     out = np.empty_like(found)
     out[by] = found
     return out.reshape(q, p)
@@ -285,20 +296,16 @@ def _rescore(packed8: torch.Tensor, low8: torch.Tensor, bounds: np.ndarray, quer
     (packed positions) of the queries at ``query_pos`` are updated in place, self excluded."""
     by, starts = _by_range(pair_range, len(bounds) - 1)
     q_sorted = pair_query[by]
-    for r in np.flatnonzero(np.diff(starts)):
-        lo, hi = bounds[r], bounds[r + 1]
+    for lo, hi, blocks in _range_blocks(bounds, starts):
         if hi == lo:
             continue
         members = _joined(packed8[lo:hi], low8[lo:hi]).T
-        qs = q_sorted[starts[r] : starts[r + 1]]
-        step = max(1, _SCAN_BLOCK_ELEMENTS // (hi - lo))
-        for s in range(0, len(qs), step):
-            sub = qs[s : s + step]  # each query once per range
+        for block in blocks:
+            sub = q_sorted[block]  # each query once per range
             pos = query_pos[sub]
             at = torch.from_numpy(pos)
             sims = _joined(packed8.index_select(0, at), low8.index_select(0, at)) @ members
-            own = np.flatnonzero((pos >= lo) & (pos < hi))
-            sims[torch.from_numpy(own), torch.from_numpy(pos[own] - lo)] = -torch.inf
+            _exclude_self(sims, pos, lo, hi, -torch.inf)
             val, top = (t.numpy() for t in sims.max(dim=1))
             better = val > best[sub]
             best[sub[better]] = val[better]
