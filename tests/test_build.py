@@ -110,6 +110,33 @@ def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_engine, ten_i
     assert set(remove_stale_work(out / "eng")) == set(leftovers)
 
 
+def test_sigterm_during_build_cleans_up_and_exits_143(small_engine, ten_images, tmp_path):
+    """A scheduler's SIGTERM mid-build: one line, exit 143, the previous engine untouched and no
+    hidden scratch or staging folder left behind (unlike SIGKILL, nothing waits for the next build)."""
+    out = tmp_path / "engines"
+    shutil.copytree(small_engine, out / "eng")
+    before = read_manifest(out / "eng")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protoad_export", "build", str(ten_images), "--name", "eng", "--out", str(out),
+         "--backbone", "efficientnet_lite0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[2/4]"):  # features written to the scratch folder, FINCH next
+            assert [p for p in out.iterdir() if p.name.startswith(".eng.")], "".join(seen)
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 143, "".join(seen) + err
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM); nothing was replaced" and "Traceback" not in err
+    assert read_manifest(out / "eng", verify=True) == before
+    assert [p.name for p in out.iterdir()] == ["eng"]
+
+
 def test_disk_full_during_export_leaves_nothing(ten_images, tmp_path, monkeypatch):
     import errno
 

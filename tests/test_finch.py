@@ -206,3 +206,14 @@ def test_auto_method_and_errors():
         first_neighbours(x, method="nope")
     with pytest.raises(InputError):
         first_neighbours(x[:1])
+
+
+def test_as_float32_converts_fp16_exactly_and_copies():
+    from protoad_export.finch import as_float32
+
+    bits = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)  # every FP16 value
+    for source in (bits, np.ascontiguousarray(bits[:, ::2]), bits.astype(np.float32)):
+        got = as_float32(source)
+        assert got.dtype == np.float32 and not np.shares_memory(got, source)
+        want = source.astype(np.float32)
+        assert np.array_equal(got, want, equal_nan=True) and np.array_equal(np.signbit(got), np.signbit(want))

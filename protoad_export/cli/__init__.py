@@ -1,18 +1,31 @@
 """``protoad-export``: a thin click layer over the Python API (one module per command group).
 
-Every user-caused problem (``ProtoADError``), a full disk and Ctrl-C end in one line on stderr
-and a non-zero exit code; tracebacks are for bugs only.
+Every user-caused problem (``ProtoADError``), a full disk, Ctrl-C and SIGTERM end in one line on
+stderr and a non-zero exit code; tracebacks are for bugs only.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import signal
 import sys
+import threading
 
 import click
 
 from ..errors import ProtoADError
+
+
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler or ``kill`` stopping a build) raised as an exception, so that the
+    ``finally`` blocks run: a build removes its scratch features and staging folder at once instead
+    of leaving them for the next build of the same name. Not an ``Exception``: nothing catches it
+    by accident."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def handle_errors(func):
@@ -20,8 +33,13 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
             return func(*args, **kwargs)
+        except Terminated:
+            click.echo("terminated (SIGTERM); nothing was replaced", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except ProtoADError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -36,6 +54,9 @@ def handle_errors(func):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was replaced", err=True)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
