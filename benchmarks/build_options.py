@@ -230,7 +230,6 @@ def stage_score(cache: Path, cfg: str, with_fp16: bool, batch: int = 8) -> None:
     out = cache / cfg
     protos = dict(np.load(out / "prototypes.npz"))
     samples = test_samples()
-    labels = np.array([s.label for s in samples])
     pf = patch_module(align)
     norm = Normalize(prep.mean, prep.std)
     grid = patch_grid(CROP)

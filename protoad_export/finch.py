@@ -333,6 +333,8 @@ def _best_in_ranges(packed8: torch.Tensor, low8: torch.Tensor, scale: float, bou
     """First neighbour (packed position, FP32 similarity; -1 / -inf if none) of each query at
     ``query_pos`` (ascending) among the members of its ``ranges`` [Q, p]: int8 products find the ranges that
     can hold it, which are then re-scored in FP32 (``INT8_MARGIN_SIGMAS``)."""
+    if np.any(np.diff(query_pos) <= 0):  # _exclude_self relies on it
+        raise ValueError("query positions must be strictly ascending")
     approx = _range_maxima(packed8, bounds, query_pos, ranges)
     # A product of two unit vectors rounded at ``scale`` is off by sd sqrt(1/6)/scale (cosine
     # units); the difference of two such errors, in int8 product units: sqrt(1/3) * scale.
