@@ -179,7 +179,7 @@ class KnnBaseline(NearestPatchScorer):
 
     def __init__(self, engine_dir: str | Path, manifest: dict, paths: Sequence[Path], device: str = "cpu",
                  batch_size: int = 8, progress: bool = False) -> None:
-        from .features import extract_features
+        from .features import as_float32, extract_features
 
         super().__init__(engine_dir, manifest, device)
         torch = self.torch
@@ -188,7 +188,7 @@ class KnnBaseline(NearestPatchScorer):
             # Stored as FP16 like the features the prototypes were fitted on, then searched in FP32.
             feats = extract_features(self.extractor, list(paths), self.prep, Path(tmp) / "bank.npy",
                                      batch_size=batch_size, device=self.device, progress=progress, desc="kNN bank")
-            self.bank = torch.from_numpy(np.asarray(feats.array, dtype=np.float32)).to(self.device)
+            self.bank = torch.from_numpy(as_float32(feats.array)).to(self.device)
             self.images = len(feats.used)
             del feats
         self.bank_seconds = time.perf_counter() - t0
