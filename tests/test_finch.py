@@ -217,3 +217,20 @@ def test_as_float32_converts_fp16_exactly_and_copies():
         assert got.dtype == np.float32 and not np.shares_memory(got, source)
         want = source.astype(np.float32)
         assert np.array_equal(got, want, equal_nan=True) and np.array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_spherical_kmeans_finds_the_centres():
+    from protoad_export.finch import spherical_kmeans
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(8, 32))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = clustered(4000, dim=32, centres=8, noise=0.05, seed=3)  # the same centres (same seed)
+    # Three centroids per centre, as the IVF has many lists per mode: from these random starts
+    # every centre gets one (with exactly one per centre, Lloyd's iterations can merge two).
+    got = spherical_kmeans(x.copy(), 24, 8, np.random.default_rng(0))
+    assert got.shape == (24, 32) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert ((centres @ got.T).max(axis=1) > 0.99).all()  # each centre found
+    assert np.array_equal(got, spherical_kmeans(x.copy(), 24, 8, np.random.default_rng(0)))  # seeded
+    with pytest.raises(ValueError):
+        spherical_kmeans(x[:5].copy(), 8, 1, np.random.default_rng(0))

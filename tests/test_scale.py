@@ -18,7 +18,6 @@ from protoad_export.prototypes import sample_rows
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
-    import faiss  # its libraries are not part of the bound
     import numpy as np
     from protoad_export import finch as F
 
