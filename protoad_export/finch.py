@@ -52,8 +52,8 @@ IVF_KMEANS_ITERATIONS = 8
 # IVF scans every list (exhaustive search: still int8, re-scored) up to EXHAUSTIVE_LIMIT points;
 # beyond, that takes many minutes on 2 cores, so it keeps the nprobe that IVF_SCAN_OPS (int8
 # multiply-adds x 2) allows and reports its recall instead. On the full magnetic tile set (2.4M
-# points) that is 21 of 2,164 lists with 176 dims (level 0: 108 s) and 2 with 1792 dims (486 s,
-# most of it the FP32 re-scoring, which at so few lists covers most of them); finch.md.
+# points) that is 21 of 2,164 lists with 176 dims (level 0: 90 s) and 2 with 1792 dims (341 s,
+# much of it the FP32 re-scoring, which at so few lists covers most of them); RESULTS.md section 2.
 MAX_PROBE_SHARE = 1 / 4
 EXHAUSTIVE_LIMIT = 100_000
 IVF_SCAN_OPS = 2e13
