@@ -30,7 +30,7 @@ from .features import FeatureExtractor, PatchFeatures, extract_features, resolve
 from .images import Preprocessing, image_size, is_mvtec_category, training_images
 from .network import PROTOTYPE_CHUNK, ProtoADNetwork, patch_grid
 from .onnx_export import inspect_graph, export_onnx
-from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, sample_rows
+from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, near_miss, sample_rows
 from .runtime import similarity_batch
 from .thresholds import score_holdout, split_holdout
 
@@ -203,6 +203,11 @@ def build(
             with open(tmp, "wb") as handle:
                 np.save(handle, fit.prototypes, allow_pickle=False)
         log(f"      {len(fit.prototypes):,} prototypes ({timings['clustering']:.1f} s)")
+        passed = near_miss(fit.finch.partition_sizes, config.max_prototypes)
+        if passed is not None:
+            log(f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes "
+                f"{config.max_prototypes:,}, for {len(fit.prototypes):,}; fewer prototypes usually score lower "
+                f"(--max-prototypes {passed + 1} keeps the {passed:,})")
 
         t0 = time.perf_counter()
         log("[3/4] ONNX: tracing the complete network, FP32 and FP16")

@@ -9,8 +9,9 @@ the data). ProtoAD stops at the first partition with fewer than ``stop_below`` c
 First neighbours, at every level: exact blocked matrix products on a GPU (FP16 products, the best
 candidates re-scored in FP32) or on a CPU for small N; above ``EXACT_CPU_LIMIT`` points on a CPU an
 IVF search (spherical k-means lists, searched list by list as dense int8 products, the
-lists that can hold the winner re-scored in FP32) whose nprobe is calibrated at run time against
-exhaustive search on a sample (``benchmarks/results/finch.md`` shows why fixed parameters fail).
+lists that can hold the winner re-scored in FP32, and every found pair also offered to its other
+end) whose nprobe is calibrated at run time against exhaustive search on a sample
+(``benchmarks/results/finch.md`` shows why fixed parameters fail).
 Nothing of size N x N is ever held; a disk-backed input is read in chunks whose mapped pages are
 released after use, so memory is the lists' 16-bit copy of the data (two int8 halves: the size of
 the build's FP16 features) plus the cluster means plus one chunk.
@@ -52,11 +53,15 @@ IVF_KMEANS_ITERATIONS = 8
 # IVF scans every list (exhaustive search: still int8, re-scored) up to EXHAUSTIVE_LIMIT points;
 # beyond, that takes many minutes on 2 cores, so it keeps the nprobe that IVF_SCAN_OPS (int8
 # multiply-adds x 2) allows and reports its recall instead. On the full magnetic tile set (2.4M
-# points) that is 21 of 2,164 lists with 176 dims (level 0: 90 s) and 2 with 1792 dims (341 s,
-# much of it the FP32 re-scoring, which at so few lists covers most of them); RESULTS.md section 2.
+# points) that is 21 of 2,164 lists with 176 dims (level 0: 90-104 s) and 2 with 1792 dims
+# (341-397 s, much of it the FP32 re-scoring, which at so few lists covers most of them);
+# RESULTS.md section 2.
 MAX_PROBE_SHARE = 1 / 4
 EXHAUSTIVE_LIMIT = 100_000
 IVF_SCAN_OPS = 2e13
+# The calibration counts the reverse repair for the probes whose direct hit comes after the depth
+# where the direct recall is this far below what is needed (about 5 % of them at 100k).
+REPAIR_CHECK_SHARE = 0.04
 # The IVF's products run in int8 (VNNI: 3.5-4x the FP32 rate on this CPU, finch.md). For each
 # query, every list whose int8 maximum is within this many standard deviations (of the
 # difference of two rounding errors) of its best is re-scored in FP32 from a 16-bit copy (256x
@@ -349,10 +354,12 @@ def approx_first_neighbours(
     with the members of the ``nprobe`` lists whose centroids are most similar to it, as a
     standard IVF does, but list by list as one int8 matrix product with all the queries that
     probe that list; the lists within the int8 error of a query's best are re-scored in FP32 from
-    a 16-bit copy, so the neighbour found is the FP32 best of the probed lists (finch.md). Without
-    ``nprobe`` it is calibrated: up to ``RECALL_PROBES`` sampled points get the same search over
-    all lists, and nprobe is the smallest that probes the list holding that exact neighbour for a
-    ``target`` share of them at 95 % one-sided confidence (0.9926 on 4,000 probes for 0.99).
+    a 16-bit copy, so the neighbour found is the FP32 best of the probed lists (finch.md). A found
+    pair (y, x) is then also x's candidate (``_take_reverse_links``). Without ``nprobe`` it is
+    calibrated: up to ``RECALL_PROBES`` sampled points get the same search over all lists, and
+    nprobe is the smallest at which that exact neighbour is found, directly or through the
+    reverse link, for a ``target`` share of them at 95 % one-sided confidence (0.9926 on 4,000
+    probes for 0.99).
     If that needs more than ``MAX_PROBE_SHARE`` of the lists, every list is scanned (an exhaustive
     search, nprobe = nlist) up to ``EXHAUSTIVE_LIMIT`` points; above, the nprobe that
     ``IVF_SCAN_OPS`` allows is kept and its recall reported. Also returns ``{"nlist", "nprobe",
@@ -401,10 +408,22 @@ def approx_first_neighbours(
         count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_OPS / (2 * n * dim))))
         probes = order[np.sort(where[rng.choice(n, size=count, replace=False)])]  # in list order
         exact_pos, _ = search(probes, every_list(count))
-        here = lists_of(probes, depth) == home[order[exact_pos]][:, None]
-        hit_rank = np.where(here.any(axis=1), here.argmax(axis=1), depth)
-        recall_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count  # [p-1]
+        hit_rank = _hit_ranks(lists_of(probes, depth), home[order[exact_pos]])
         needed = min(1.0, target + RECALL_Z * math.sqrt(target * (1 - target) / count))
+        # The reverse repair (``_take_reverse_links``) also finds a probe whose exact neighbour y
+        # has the probe as its own exact neighbour, at the depth where y's lists reach the
+        # probe's. Counted for the probes found late (cheap: few extra exact searches); for the
+        # others the direct rank stands, so the estimate never exceeds the repaired recall.
+        direct_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count
+        early = np.flatnonzero(direct_at >= needed - REPAIR_CHECK_SHARE)
+        late = np.flatnonzero(hit_rank >= (int(early[0]) if len(early) else 0))
+        if len(late):
+            y_pos, y_of_late = np.unique(exact_pos[late], return_inverse=True)
+            y_exact, _ = search(order[y_pos], every_list(len(y_pos)))
+            mutual = y_exact[y_of_late] == where[probes[late]]
+            y_rank = _hit_ranks(lists_of(order[y_pos], depth)[y_of_late], home[probes[late]])
+            hit_rank[late] = np.where(mutual, np.minimum(hit_rank[late], y_rank), hit_rank[late])
+        recall_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count  # [p-1]
         reached = np.flatnonzero(recall_at >= needed)
         if len(reached):
             nprobe = int(reached[0]) + 1
@@ -425,7 +444,28 @@ def approx_first_neighbours(
     missing = np.flatnonzero(idx < 0)  # alone in every probed list
     if len(missing):
         idx[missing], best[missing] = _exact_for_some(x, missing)
+    _take_reverse_links(idx, best)
     return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate}
+
+
+def _hit_ranks(ranked_lists: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Where ``wanted[i]`` stands in row i of ``ranked_lists`` [Q, depth]; ``depth`` if absent."""
+    here = ranked_lists == wanted[:, None]
+    return np.where(here.any(axis=1), here.argmax(axis=1), ranked_lists.shape[1])
+
+
+def _take_reverse_links(idx: np.ndarray, best: np.ndarray) -> None:
+    """Every found pair (y, idx[y]) is also a candidate for idx[y], at the known similarity
+    best[y]: where it beats that point's own find, take it (in place). Free, and it recovers the
+    mutual first neighbours that only one side's probed lists reached (finch.md section 7)."""
+    val = torch.from_numpy(best)
+    reverse = torch.full_like(val, -torch.inf).scatter_reduce_(0, torch.from_numpy(idx), val, "amax").numpy()
+    improved = reverse > best
+    if improved.any():
+        # The y whose pair gives each improved point its reverse maximum (any one of ties).
+        ys = np.flatnonzero(improved[idx] & (best == reverse[idx]))
+        idx[idx[ys]] = ys
+        best[improved] = reverse[improved]
 
 
 def spherical_kmeans(unit: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:

@@ -11,6 +11,9 @@ from .errors import InputError
 from .finch import FinchResult, finch
 
 DEFAULT_MAX_PROTOTYPES = 10_000
+# A partition this close above the limit is a near miss worth a warning: FINCH's next level is
+# typically 4-5x smaller, and fewer prototypes score worse on varied parts (RESULTS.md 4a).
+NEAR_MISS_RATIO = 1.25
 
 
 @dataclass
@@ -45,6 +48,14 @@ def fit_prototypes(
     if normalize:
         protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
     return PrototypeFit(np.ascontiguousarray(protos), result, normalize)
+
+
+def near_miss(partition_sizes: list[int], max_prototypes: int) -> int | None:
+    """The size of the partition FINCH passed over just before the chosen one when it was within
+    ``NEAR_MISS_RATIO`` of ``max_prototypes`` (the paper's rule then keeps a far coarser one)."""
+    if len(partition_sizes) >= 2 and partition_sizes[-1] < max_prototypes <= partition_sizes[-2] <= NEAR_MISS_RATIO * max_prototypes:
+        return partition_sizes[-2]
+    return None
 
 
 def sample_rows(n_rows: int, limit: int | None, seed: int = 0) -> np.ndarray | None:

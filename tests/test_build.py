@@ -16,6 +16,7 @@ import pytest
 
 from protoad_export.artifacts import read_manifest, sha256_file
 from protoad_export.builder import BuildConfig, build
+from protoad_export.prototypes import near_miss
 
 REQUIRED_FILES = {"prototypes.npy", "model.fp32.onnx", "model.fp16.onnx"}
 
@@ -79,6 +80,23 @@ def test_two_builds_are_identical(ten_images, tmp_path):
 def _run_cli(args, env=None, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "protoad_export", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def test_build_warns_when_finch_passes_over_a_partition_just_above_the_limit(ten_images, tmp_path):
+    logged: list[str] = []
+    first = build(ten_images, "a", tmp_path, _tiny_config(), log=logged.append, progress=False).manifest
+    passed = first["finch"]["partition_sizes"][-1]
+    assert near_miss(first["finch"]["partition_sizes"], 10_000) is None  # the premise: no warning here
+    assert not any(line.startswith("warning: FINCH") for line in logged)
+    # With the limit at that partition's size it is passed over for the next, far smaller one.
+    logged.clear()
+    second = build(ten_images, "b", tmp_path, _tiny_config(max_prototypes=passed), log=logged.append, progress=False).manifest
+    sizes = second["finch"]["partition_sizes"]
+    assert sizes[-2] == passed and sizes[-1] < passed
+    assert [line for line in logged if line.startswith("warning: FINCH")] == [
+        f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes {passed:,}, "
+        f"for {sizes[-1]:,}; fewer prototypes usually score lower (--max-prototypes {passed + 1} keeps the {passed:,})"
+    ]
 
 
 @pytest.mark.parametrize("stage", ["[1/4]", "[2/4]", "[3/4]"])

@@ -191,6 +191,34 @@ def test_int8_products_with_fp32_rescore_find_the_fp32_winner():
     assert (approx[rows, exact_idx] >= approx.max(axis=1) - margin * scale**2).all()
 
 
+def test_reverse_links_repair_what_one_side_missed():
+    from protoad_export.finch import _take_reverse_links
+
+    # 0 found 2 (0.5), but 1 found 0 at 0.9: the pair (1, 0) is the better find for 0. 3 found 1
+    # at 0.95, better than 1's own 0.9; 2's find stands (0.8 beats the 0.5 of 0 -> 2).
+    idx = np.array([2, 0, 1, 1])
+    best = np.array([0.5, 0.9, 0.8, 0.95], dtype=np.float32)
+    _take_reverse_links(idx, best)
+    assert idx.tolist() == [1, 3, 1, 1] and best.tolist() == pytest.approx([0.9, 0.95, 0.8, 0.95])
+
+
+def test_reverse_links_only_improve_and_stay_true_products(monkeypatch):
+    """Three lists probed per point miss many neighbours (loose clusters); the repair takes each
+    point's better reverse find, never a worse one, and each reported similarity is the pair's
+    product."""
+    from protoad_export import finch as finch_module
+
+    x = clustered(3000, dim=32, centres=100, noise=1.0, seed=12)
+    direct_idx, direct_best, _ = approx_first_neighbours(x, nprobe=3)
+    monkeypatch.setattr(finch_module, "_take_reverse_links", lambda idx, best: None)
+    plain_idx, plain_best, _ = approx_first_neighbours(x, nprobe=3)
+    exact_idx, exact_best = exact_first_neighbours(x)
+    assert (direct_best >= plain_best).all() and (direct_best > plain_best).sum() > 10
+    np.testing.assert_allclose(np.einsum("ij,ij->i", x, x[direct_idx]), direct_best, atol=1e-3)
+    assert (direct_idx != np.arange(len(x))).all()
+    assert np.mean(direct_idx == exact_idx) > np.mean(plain_idx == exact_idx)
+
+
 def test_ivf_never_returns_self_or_missing():
     # Duplicated points and tiny lists: the fallback exact search fills any point left alone.
     x = np.repeat(clustered(500, dim=16, seed=7), 2, axis=0)

@@ -13,7 +13,7 @@ import pytest
 
 from protoad_export.builder import BuildConfig
 from protoad_export.errors import InputError
-from protoad_export.prototypes import sample_rows
+from protoad_export.prototypes import near_miss, sample_rows
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
@@ -73,6 +73,15 @@ def test_sample_rows_is_deterministic_uniform_and_sorted():
     assert counts.min() > 400 and counts.max() < 600
     with pytest.raises(InputError):
         sample_rows(10, 1)
+
+
+def test_near_miss_names_the_partition_passed_over_just_above_the_limit():
+    # The full magnetic tile set's eighth-session build: 10,084 passed over for 1,904.
+    assert near_miss([663_663, 174_301, 43_454, 10_084, 1_904], 10_000) == 10_084
+    assert near_miss([655_192, 170_702, 42_297, 9_636], 10_000) is None  # landed under the limit
+    assert near_miss([40_000, 9_000], 10_000) is None  # far above: no near miss
+    assert near_miss([9_000], 10_000) is None
+    assert near_miss([12_500, 2_000], 10_000) == 12_500 and near_miss([12_501, 2_000], 10_000) is None
 
 
 def test_build_config_validates_max_train_patches():
