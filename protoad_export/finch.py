@@ -412,11 +412,13 @@ def approx_first_neighbours(
         needed = min(1.0, target + RECALL_Z * math.sqrt(target * (1 - target) / count))
         # The reverse repair (``_take_reverse_links``) also finds a probe whose exact neighbour y
         # has the probe as its own exact neighbour, at the depth where y's lists reach the
-        # probe's. Counted for the probes found late (cheap: few extra exact searches); for the
-        # others the direct rank stands, so the estimate never exceeds the repaired recall.
+        # probe's. Counted for the probes found directly only after the depth where the direct
+        # recall is REPAIR_CHECK_SHARE short of what is needed (few: one more exact search each;
+        # at most all probes not in their first list). For the others the direct rank stands,
+        # so the estimate never exceeds the repaired recall and equals it beyond that depth.
         direct_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count
-        early = np.flatnonzero(direct_at >= needed - REPAIR_CHECK_SHARE)
-        late = np.flatnonzero(hit_rank >= (int(early[0]) if len(early) else 0))
+        early = np.flatnonzero(direct_at >= needed - REPAIR_CHECK_SHARE)  # [p - 1]
+        late = np.flatnonzero(hit_rank > (int(early[0]) if len(early) else 0))
         if len(late):
             y_pos, y_of_late = np.unique(exact_pos[late], return_inverse=True)
             y_exact, _ = search(order[y_pos], every_list(len(y_pos)))

@@ -116,9 +116,11 @@ def test_recheck_fixes_a_near_tie_fp16_cannot_separate():
     assert RECHECK_CANDIDATES >= 2
 
 
-def test_ivf_calibrates_nprobe_to_the_recall_target():
-    x = clustered(12_000, dim=32, centres=200, noise=0.2, seed=6)
-    _, exact_sim = exact_first_neighbours(x)
+@pytest.mark.parametrize("centres, noise, seed", [(200, 0.2, 6), (100, 1.0, 12)])
+def test_ivf_calibrates_nprobe_to_the_recall_target(centres, noise, seed):
+    # Tight clusters (one list is enough) and loose ones (a dozen lists, and the calibration
+    # counts the reverse links for the probes found late).
+    x = clustered(12_000, dim=32, centres=centres, noise=noise, seed=seed)
     for data in (x, x.astype(np.float16)):
         unit = data.astype(np.float32)
         unit /= np.linalg.norm(unit, axis=1, keepdims=True)
