@@ -249,7 +249,7 @@ def build(
                            "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
                            "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
             "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
-                      "seconds_per_level": [round(s, 3) for s in fit.finch.seconds]},
+                      "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed},
             "onnx": graphs,
             "batch_profile": {"min": config.batch_profile[0], "opt": config.batch_profile[1], "max": config.batch_profile[2]},
             "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),

@@ -93,6 +93,7 @@ def test_build_warns_when_finch_passes_over_a_partition_just_above_the_limit(ten
     second = build(ten_images, "b", tmp_path, _tiny_config(max_prototypes=passed), log=logged.append, progress=False).manifest
     sizes = second["finch"]["partition_sizes"]
     assert sizes[-2] == passed and sizes[-1] < passed
+    assert second["finch"]["passed_over_near_miss"] == passed and first["finch"]["passed_over_near_miss"] is None
     assert [line for line in logged if line.startswith("warning: FINCH")] == [
         f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes {passed:,}, "
         f"for {sizes[-1]:,}; fewer prototypes usually score lower (--max-prototypes {passed + 1} keeps the {passed:,})"
