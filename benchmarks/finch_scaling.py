@@ -175,9 +175,9 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path) -> None:
 
 def exact_best(x: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Exact best similarity (self excluded) of rows ``queries`` of ``x`` against all of ``x``."""
-    from protoad_export.finch import _unit_matrix
+    from protoad_export.neighbours import unit_matrix
 
-    u = torch.from_numpy(_unit_matrix(x))
+    u = torch.from_numpy(unit_matrix(x))
     best = torch.empty(len(queries))
     for s in range(0, len(queries), 1024):
         q = torch.from_numpy(queries[s : s + 1024])
@@ -188,10 +188,10 @@ def exact_best(x: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def recall(x: np.ndarray, queries: np.ndarray, best: np.ndarray, nn: np.ndarray) -> float:
-    from protoad_export.finch import _unit_matrix
+    from protoad_export.neighbours import unit_matrix
 
-    q = _unit_matrix(x[queries])
-    found = np.einsum("ij,ij->i", q, _unit_matrix(x[nn[queries]]))
+    q = unit_matrix(x[queries])
+    found = np.einsum("ij,ij->i", q, unit_matrix(x[nn[queries]]))
     return float(np.mean(found >= best - 1e-6))
 
 

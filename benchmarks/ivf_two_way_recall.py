@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from finch_scaling import sample
-from protoad_export.finch import IVF_KMEANS_ITERATIONS, IVF_LISTS_PER_ROOT, IVF_TRAIN_PER_LIST, _normalised, spherical_kmeans
+from protoad_export.ivf import IVF_KMEANS_ITERATIONS, IVF_LISTS_PER_ROOT, IVF_TRAIN_PER_LIST, spherical_kmeans
+from protoad_export.neighbours import normalised
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--depths", default="20,30,40,50,83")
     args = ap.parse_args()
     exact = np.load(args.cache / f"run_exact_{args.n}_{args.seed}.nn.npy")
-    unit = _normalised(np.asarray(sample(args.cache, args.n, args.seed), dtype=np.float32))
+    unit = normalised(np.asarray(sample(args.cache, args.n, args.seed), dtype=np.float32))
     n, dim = unit.shape
     nlist = int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))
     rng = np.random.default_rng(0)

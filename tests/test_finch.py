@@ -10,10 +10,11 @@ import scipy.sparse as sp
 import torch
 
 from protoad_export.errors import InputError
-from protoad_export.finch import (
-    RECHECK_CANDIDATES, approx_first_neighbours, block_first_neighbours, cluster_means, exact_first_neighbours,
-    finch, first_neighbours,
-)
+from protoad_export import finch as finch_module
+from protoad_export import ivf
+from protoad_export.finch import cluster_means, finch, first_neighbours
+from protoad_export.ivf import approx_first_neighbours, spherical_kmeans
+from protoad_export.neighbours import RECHECK_CANDIDATES, block_first_neighbours, exact_first_neighbours
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # finch-clust warns at import when pynndescent is missing
@@ -69,10 +70,10 @@ def test_ensure_early_exit_is_a_no_op():
 def test_cpu_tiles_equal_one_big_product_ties_included(monkeypatch):
     """The CPU path's cache-sized tiles (indices only for rows that improve) give what one N x N
     product and a row argmax give, including exact ties across tiles (first index wins)."""
-    import protoad_export.finch as F
+    from protoad_export import neighbours
 
-    monkeypatch.setattr(F, "_CPU_TILE_ROWS", 700)  # several row tiles and column blocks
-    monkeypatch.setattr(F, "_SCAN_BLOCK_ELEMENTS", 700 * 300)
+    monkeypatch.setattr(neighbours, "_CPU_TILE_ROWS", 700)  # several row tiles and column blocks
+    monkeypatch.setattr(neighbours, "SCAN_BLOCK_ELEMENTS", 700 * 300)
     x = clustered(2500, 24, seed=3)
     x[1900] = x[10]  # duplicates: each other's neighbour at similarity 1, in different tiles
     x[2400] = x[10]
@@ -152,8 +153,6 @@ def assert_fp32_winners(x: np.ndarray, idx: np.ndarray, sim: np.ndarray) -> None
 
 
 def test_ivf_scans_every_list_when_recall_needs_most_lists(monkeypatch):
-    from protoad_export import finch as finch_module
-
     x = np.random.default_rng(8).normal(size=(3000, 64)).astype(np.float32)  # no structure at all
     idx, sim, info = approx_first_neighbours(x)
     assert info["nprobe"] == info["nlist"] and info["recall"] == 1.0
@@ -161,16 +160,14 @@ def test_ivf_scans_every_list_when_recall_needs_most_lists(monkeypatch):
     monkeypatch.setattr(finch_module, "EXACT_CPU_LIMIT", 100)
     assert first_neighbours(x)[2].startswith(f"ivf {info['nlist']}/{info['nlist']} recall~1.000")
     # Above the exhaustive limit the IVF keeps the deepest nprobe it ranked and reports its recall.
-    monkeypatch.setattr(finch_module, "EXHAUSTIVE_LIMIT", 100)
+    monkeypatch.setattr(ivf, "EXHAUSTIVE_LIMIT", 100)
     _, _, capped = approx_first_neighbours(x)
-    assert capped["nprobe"] == int(capped["nlist"] * finch_module.MAX_PROBE_SHARE) and capped["recall"] < 0.99
+    assert capped["nprobe"] == int(capped["nlist"] * ivf.MAX_PROBE_SHARE) and capped["recall"] < 0.99
 
 
 def test_int8_products_with_fp32_rescore_find_the_fp32_winner():
     """Neighbours closer than the int8 rounding error: int8 products alone pick another point for
     many queries; with the lists inside the margin re-scored in FP32, every winner is exact."""
-    from protoad_export import finch as finch_module
-
     x = clustered(4000, dim=64, centres=400, noise=0.02, seed=11)
     exact_idx, _ = exact_first_neighbours(x)
     idx, sim, info = approx_first_neighbours(x, nprobe=10**6)  # every list: only rounding can err
@@ -183,7 +180,7 @@ def test_int8_products_with_fp32_rescore_find_the_fp32_winner():
     assert np.mean(approx.argmax(axis=1) != exact_idx) > 0.1  # the test's premise
     # The margin's error model: a product of unit vectors rounded at `scale` is off by sd
     # sqrt(1/6) / scale; the largest of the 8M errors stays under 3/4 of the margin (5.2 sd).
-    margin = finch_module.INT8_MARGIN_SIGMAS * np.sqrt(1 / 3) / scale
+    margin = ivf.INT8_MARGIN_SIGMAS * np.sqrt(1 / 3) / scale
     err = approx[np.triu_indices(len(x), 1)] / scale**2 - (x @ x.T)[np.triu_indices(len(x), 1)]
     assert abs(err.std() * scale / np.sqrt(1 / 6) - 1) < 0.1
     assert np.abs(err).max() < margin * 0.75
@@ -194,13 +191,11 @@ def test_int8_products_with_fp32_rescore_find_the_fp32_winner():
 
 
 def test_reverse_links_repair_what_one_side_missed():
-    from protoad_export.finch import _take_reverse_links
-
     # 0 found 2 (0.5), but 1 found 0 at 0.9: the pair (1, 0) is the better find for 0. 3 found 1
     # at 0.95, better than 1's own 0.9; 2's find stands (0.8 beats the 0.5 of 0 -> 2).
     idx = np.array([2, 0, 1, 1])
     best = np.array([0.5, 0.9, 0.8, 0.95], dtype=np.float32)
-    _take_reverse_links(idx, best)
+    ivf._take_reverse_links(idx, best)
     assert idx.tolist() == [1, 3, 1, 1] and best.tolist() == pytest.approx([0.9, 0.95, 0.8, 0.95])
 
 
@@ -208,11 +203,9 @@ def test_reverse_links_only_improve_and_stay_true_products(monkeypatch):
     """Three lists probed per point miss many neighbours (loose clusters); the repair takes each
     point's better reverse find, never a worse one, and each reported similarity is the pair's
     product."""
-    from protoad_export import finch as finch_module
-
     x = clustered(3000, dim=32, centres=100, noise=1.0, seed=12)
     direct_idx, direct_best, _ = approx_first_neighbours(x, nprobe=3)
-    monkeypatch.setattr(finch_module, "_take_reverse_links", lambda idx, best: None)
+    monkeypatch.setattr(ivf, "_take_reverse_links", lambda idx, best: None)
     plain_idx, plain_best, _ = approx_first_neighbours(x, nprobe=3)
     exact_idx, exact_best = exact_first_neighbours(x)
     assert (direct_best >= plain_best).all() and (direct_best > plain_best).sum() > 10
@@ -250,7 +243,6 @@ def test_as_float32_converts_fp16_exactly_and_copies():
 
 
 def test_spherical_kmeans_finds_the_centres():
-    from protoad_export.finch import spherical_kmeans
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(8, 32))

@@ -19,7 +19,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import numpy as np
-    from protoad_export import finch as F
+    from protoad_export import finch as F, ivf, neighbours
 
     path, n, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = np.random.default_rng(0)
@@ -30,12 +30,12 @@ _MEMORY_SCRIPT = textwrap.dedent(
             m = min(4096, n - start)
             x = centres[rng.integers(0, len(centres), m)] + 0.1 * rng.normal(size=(m, dim)).astype(np.float32)
             f.write((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).tobytes())
-    F._CHUNK_BYTES = 1 << 22  # small chunks and blocks: the bound is about the design, not them
-    F._BLOCK_ELEMENTS = 1 << 20
-    F.IVF_TRAIN_PER_LIST = 5
-    F.EXHAUSTIVE_LIMIT = 0  # keep the capped nprobe, never scan every list
-    F.IVF_SCAN_OPS = 1e10  # and keep it short
-    F.IVF_LISTS_PER_ROOT = 0.5
+    neighbours.CHUNK_BYTES = 1 << 22  # small chunks and blocks: the bound is about the design, not them
+    neighbours.BLOCK_ELEMENTS = 1 << 20
+    ivf.IVF_TRAIN_PER_LIST = 5
+    ivf.EXHAUSTIVE_LIMIT = 0  # keep the capped nprobe, never scan every list
+    ivf.IVF_SCAN_OPS = 1e10  # and keep it short
+    ivf.IVF_LISTS_PER_ROOT = 0.5
     data = np.load(path, mmap_mode="r")
     F.finch(np.asarray(data[:3000], dtype=np.float32), method="approx")  # BLAS/OpenMP buffers: not data
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
