@@ -12,8 +12,10 @@ seconds, peak RSS, partition sizes, level-0 first-neighbour recall on 20k querie
 search (a hit: the found neighbour is as similar as the exact one, within 1e-6), and the image
 AUROC of the prototypes (first partition under 10,000 clusters, re-normalised means as the build
 makes them) on the 582 test images, scored as ``ProtoADNetwork`` scores: 1 - max cos, bilinear
-upsample to 224, Gaussian blur, max. Each implementation is timed twice in its process: the first
-call pays start-up costs (numba compilation for finch-clust), the second does not.
+upsample to 224, Gaussian blur, max. Each implementation is timed several times in its process:
+the first call pays start-up costs (numba compilation for finch-clust), the later ones
+(``--warm-calls``, default 3) do not; their median is the warm time, since single calls on a
+shared machine vary by tens of percent.
 
 ``exact`` (this project's FINCH with exact first neighbours, up to ``--exact-up-to`` points) is the
 reference both approximate searches are judged against: its prototypes are true FINCH's. Image
@@ -116,7 +118,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(method: str, cache: Path, n: int, seed: int, out: Path) -> None:
+def run_one(method: str, cache: Path, n: int, seed: int, out: Path, warm_calls: int = 3) -> None:
     """In a fresh process: cluster N sampled rows with one implementation, save prototypes + stats."""
     x = sample(cache, n, seed)
     rss_before = peak_rss_mib()
@@ -127,11 +129,12 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path) -> None:
         t0 = time.perf_counter()
         r = finch(x, stop_below=MAX_PROTOTYPES, method=how)
         seconds = time.perf_counter() - t0
-        warm = float("nan")
-        if method == "ours":  # the reference is not timed twice
-            t0 = time.perf_counter()
-            finch(x, stop_below=MAX_PROTOTYPES)
-            warm = time.perf_counter() - t0
+        warm = []
+        if method == "ours":  # the reference is not timed again
+            for _ in range(warm_calls):
+                t0 = time.perf_counter()
+                finch(x, stop_below=MAX_PROTOTYPES)
+                warm.append(time.perf_counter() - t0)
         sizes, protos, nn = r.partition_sizes, r.means, r.first_neighbours
         extra = {"neighbour_methods": r.neighbour_methods, "seconds_per_level": [round(s, 2) for s in r.seconds]}
     else:
@@ -153,9 +156,11 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path) -> None:
         # Again in the same process: numba's compilation is paid once per process (its on-disk
         # cache does not cover finch-clust's pynndescent calls: ~50 s of a cold call at 100k).
         fc.finch.clust_rank = original
-        t0 = time.perf_counter()
-        fc.FINCH(x.astype(np.float32), verbose=False)
-        warm = time.perf_counter() - t0
+        warm = []
+        for _ in range(warm_calls):
+            t0 = time.perf_counter()
+            fc.FINCH(x.astype(np.float32), verbose=False)
+            warm.append(time.perf_counter() - t0)
         sizes = [int(v) for v in num_clust]
         # ProtoAD's rule on finch-clust's hierarchy: the first partition with fewer than 10,000 clusters.
         level = next((i for i, k in enumerate(sizes) if k < MAX_PROTOTYPES), len(sizes) - 1)
@@ -168,7 +173,9 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path) -> None:
     np.save(out.with_suffix(".protos.npy"), protos.astype(np.float32))
     np.save(out.with_suffix(".nn.npy"), np.asarray(nn, dtype=np.int64))
     rss = peak_rss_mib()
-    out.write_text(json.dumps({"method": method, "n": n, "seed": seed, "seconds": seconds, "warm_seconds": warm, "partition_sizes": sizes,
+    out.write_text(json.dumps({"method": method, "n": n, "seed": seed, "seconds": seconds,
+                               "warm_seconds": float(np.median(warm)) if warm else float("nan"), "warm_calls": warm,
+                               "partition_sizes": sizes,
                                "prototypes": int(len(protos)), "peak_rss_mib": rss,
                                "rss_before_mib": rss_before, **extra}))
 
@@ -217,7 +224,9 @@ def image_auroc(protos: np.ndarray, test: np.ndarray, labels: np.ndarray, grid: 
 
 def table(run: dict) -> str:
     """Markdown tables of a run: every row, then per N the image AUROC differences over the seeds."""
-    lines = ["| N | seed | implementation | seconds (first call) | seconds (second call) | peak RSS MiB (before) | partition sizes | first-nb recall | image AUROC % | level-0 search |",
+    calls = max((len(r.get("warm_calls", [0])) for r in run["rows"]), default=1)
+    later = "second call" if calls == 1 else f"later calls, median of {calls}"
+    lines = [f"| N | seed | implementation | seconds (first call) | seconds ({later}) | peak RSS MiB (before) | partition sizes | first-nb recall | image AUROC % | level-0 search |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in run["rows"]:
         how = ", ".join(r.get("neighbour_methods", [])) or "pynndescent k=2 / exact <= 20k"
@@ -226,7 +235,7 @@ def table(run: dict) -> str:
         lines.append(f"| {r['n']:,} | {r.get('seed', 0)} | {r['method']} | {r['seconds']:.1f} | {warm} | "
                      f"{r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | {r['partition_sizes']} | {r['recall']:.4f} | "
                      f"{r['image_auroc']:.2f} | {how} |")
-    lines += ["", "| N | seeds | AUROC ours - finch-clust: mean (sd, range) | ours - exact | finch-clust - exact | speed-up, first call | speed-up, second call |",
+    lines += ["", f"| N | seeds | AUROC ours - finch-clust: mean (sd, range) | ours - exact | finch-clust - exact | speed-up, first call | speed-up, {later} |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     by = {(r["n"], r.get("seed", 0), r["method"]): r for r in run["rows"]}
     for n in sorted({r["n"] for r in run["rows"]}):
@@ -260,6 +269,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="sample seeds for the sizes in --seeded-sizes (others use the first)")
     ap.add_argument("--seeded-sizes", default="100000")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/finch_run.json"))
+    ap.add_argument("--warm-calls", type=int, default=3, help="timed calls after the first, in the same process (median reported)")
     ap.add_argument("--table", type=Path, help="print the markdown table of a finished run's JSON")
     ap.add_argument("--run", nargs=4, metavar=("METHOD", "N", "SEED", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -267,7 +277,7 @@ def main() -> None:
         print(table(json.loads(args.table.read_text())))
         return
     if args.run:
-        run_one(args.run[0], args.cache, int(args.run[1]), int(args.run[2]), Path(args.run[3]))
+        run_one(args.run[0], args.cache, int(args.run[1]), int(args.run[2]), Path(args.run[3]), args.warm_calls)
         return
     _, test, labels = cache_features(args.cache)
     rows = []
@@ -283,7 +293,8 @@ def main() -> None:
                     continue
                 out = args.cache / f"run_{method}_{n}_{seed}.json"
                 t0 = time.perf_counter()
-                subprocess.run([sys.executable, __file__, "--cache", str(args.cache), "--run", method, str(n), str(seed), str(out)], check=True)
+                subprocess.run([sys.executable, __file__, "--cache", str(args.cache), "--warm-calls", str(args.warm_calls),
+                                "--run", method, str(n), str(seed), str(out)], check=True)
                 row = json.loads(out.read_text())
                 row["process_seconds"] = time.perf_counter() - t0
                 row["recall"] = recall(x, queries, best, np.load(out.with_suffix(".nn.npy")))
