@@ -26,25 +26,44 @@ from scipy.sparse.csgraph import connected_components
 from .errors import InputError
 from .features import as_float32
 from .ivf import approx_first_neighbours
-from .neighbours import chunk_rows, exact_first_neighbours, release_pages
+from .neighbours import chunk_rows, exact_first_neighbours, exact_gpu_bytes, release_pages
 
 NEIGHBOUR_METHODS = ("auto", "exact", "approx")
 # Up to this many points a CPU searches exactly (N^2 * C at BLAS speed); above, an IVF index
 # whose nprobe is calibrated at run time to a measured first-neighbour recall (finch.md).
 EXACT_CPU_LIMIT = 20_000
+# Exact search on a GPU holds all rows there (FP32 and FP16: 25 GiB for the full magnetic tile set
+# with 1792 dims). Where that exceeds this share of the free GPU memory, ``auto`` searches with
+# the CPU's IVF instead of failing with an out-of-memory error, and ``exact`` stops with one line.
+GPU_MEMORY_SHARE = 0.9
+
+
+def _gpu_free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, str]:
-    """Pick the neighbour search: exact on a GPU or for small N, IVF otherwise."""
+    """Pick the neighbour search: exact on a GPU (when its rows fit in ``GPU_MEMORY_SHARE`` of the
+    free GPU memory) or for small N on a CPU, the IVF otherwise."""
     if method not in NEIGHBOUR_METHODS:
         raise InputError(f"unknown neighbour method {method!r}: choose one of {', '.join(NEIGHBOUR_METHODS)}")
     device = torch.device(device)
     if len(x) < 2:
         raise InputError("FINCH needs at least two points")
+    note = ""
+    if device.type == "cuda" and method != "approx":
+        need, free = exact_gpu_bytes(*x.shape), _gpu_free_bytes(device)
+        if need > GPU_MEMORY_SHARE * free:
+            if method == "exact":
+                raise InputError(f"exact first neighbours of {len(x):,} x {x.shape[1]} features need {need / 2**30:.1f} GiB "
+                                 f"of GPU memory, {free / 2**30:.1f} GiB is free: use --neighbours auto (the CPU's IVF "
+                                 "then) or --max-train-patches")
+            device = torch.device("cpu")  # and choose as on a CPU
+            note = f" (on the CPU: exact GPU search needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free)"
     if method == "exact" or (method == "auto" and (device.type == "cuda" or len(x) <= EXACT_CPU_LIMIT)):
-        return (*exact_first_neighbours(x, device), "exact")
+        return (*exact_first_neighbours(x, device), "exact" + note)
     idx, sim, info = approx_first_neighbours(x)
-    return idx, sim, f"ivf {info['nprobe']}/{info['nlist']} recall~{info['recall']:.3f}"
+    return idx, sim, f"ivf {info['nprobe']}/{info['nlist']} recall~{info['recall']:.3f}{note}"
 
 
 def _add_rows(sums: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:

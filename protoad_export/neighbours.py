@@ -110,6 +110,12 @@ def block_first_neighbours(
     return cand.gather(1, best[:, None])[:, 0], val
 
 
+def exact_gpu_bytes(n: int, dim: int) -> int:
+    """GPU memory that exact search of ``n`` rows plans for: the unit rows in FP32 and FP16 and one
+    default block of similarities (FP16, counted twice for the product's temporaries)."""
+    return n * dim * 6 + BLOCK_ELEMENTS * 16 * 4
+
+
 def exact_first_neighbours(
     x: np.ndarray, device: torch.device | str = "cpu", block_elements: int | None = None,
     low_precision: torch.dtype | None | str = "auto",

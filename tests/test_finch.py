@@ -214,6 +214,25 @@ def test_reverse_links_only_improve_and_stay_true_products(monkeypatch):
     assert np.mean(direct_idx == exact_idx) > np.mean(plain_idx == exact_idx)
 
 
+def test_gpu_without_memory_for_exact_search_falls_back_to_the_cpu(monkeypatch):
+    """Exact GPU search holds every row there; where they do not fit, ``auto`` chooses as on a CPU
+    (and says why in the method string the manifest keeps) instead of dying of CUDA out-of-memory,
+    and ``exact`` stops at once with one line. No GPU is touched: only the free-memory query."""
+    monkeypatch.setattr(finch_module, "_gpu_free_bytes", lambda device: 2**30)  # 1 GiB free
+    monkeypatch.setattr(finch_module, "exact_gpu_bytes", lambda n, dim: n * 2**20)  # 1 MiB a row
+    small, large = clustered(3000, dim=32), clustered(25_000, dim=32, centres=300, seed=2)
+    # Small: exact search on the CPU, as ``auto`` does there up to EXACT_CPU_LIMIT rows.
+    idx, sim, how = first_neighbours(small, "auto", device="cuda")
+    assert how == "exact (on the CPU: exact GPU search needs 2.9 GiB, 1.0 GiB free)"
+    np.testing.assert_array_equal(idx, exact_first_neighbours(small)[0])
+    idx, sim, how = first_neighbours(large, "auto", device="cuda")
+    assert how.startswith("ivf ") and how.endswith("(on the CPU: exact GPU search needs 24.4 GiB, 1.0 GiB free)")
+    assert (idx != np.arange(len(large))).all()
+    with pytest.raises(InputError, match=r"^exact first neighbours of 25,000 x 32 features need 24.4 GiB of GPU memory, "
+                                         r"1.0 GiB is free: use --neighbours auto"):
+        first_neighbours(large, "exact", device="cuda")
+
+
 def test_ivf_never_returns_self_or_missing():
     # Duplicated points and tiny lists: the fallback exact search fills any point left alone.
     x = np.repeat(clustered(500, dim=16, seed=7), 2, axis=0)
