@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .artifacts import atomic_write_json, read_manifest
-from .errors import InputError, ProtoADError, ToleranceError
+from .errors import InputError, MissingDependencyError, ProtoADError, ToleranceError
 
 # name -> (runtime backend, precision, torch.compile); the CLI's --backend choices.
 BACKEND_SPECS: dict[str, tuple[str, str, bool]] = {
@@ -225,6 +225,7 @@ def bench(
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir, verify=True)
     device = resolve_device(device)
+    requested = list(backends or [])
     backends = list(backends or default_backends(device))
     for name in backends:
         if name not in BACKEND_SPECS:
@@ -246,7 +247,7 @@ def bench(
         "data": {"source": images.source, "images": len(images.paths),
                  "defective": None if images.labels is None else int(images.labels.sum())},
         "reference": {"backend": "torch", "precision": "fp32", "image_auroc": ref_aurocs[0], "pixel_auroc": ref_aurocs[1]},
-        "fidelity": [], "speed": [], "skipped": {},
+        "fidelity": [], "speed": [], "skipped": {}, "requested": requested,
     }
     runtimes = {}
     for name in backends:
@@ -286,10 +287,15 @@ def bench(
 
 
 def check_tolerances(report: dict[str, Any]) -> None:
-    """Raise ToleranceError naming every backend that failed (after the report is out)."""
+    """After the report is out: raise ToleranceError naming every backend that failed, or
+    MissingDependencyError when a backend named by the caller could not run (a default run skips
+    what this machine lacks; a named one that is skipped must not pass as measured)."""
     failed = [f"{f['backend']}: {'; '.join(f['failures'])}" for f in report["fidelity"] if not f["passed"]]
     if failed:
         raise ToleranceError("fidelity check failed: " + " | ".join(failed))
+    missed = [f"{name}: {report['skipped'][name]}" for name in report.get("requested", []) if name in report["skipped"]]
+    if missed:
+        raise MissingDependencyError("requested backend not run: " + " | ".join(missed))
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

@@ -14,7 +14,7 @@ from protoad_export.artifacts import read_manifest
 from protoad_export.bench import load_test_images
 from protoad_export.bench_timing import Stats, time_cpu
 from protoad_export.cli import main
-from protoad_export.errors import InputError, ToleranceError
+from protoad_export.errors import InputError, MissingDependencyError, ToleranceError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,21 @@ def test_bench_exits_non_zero_when_a_tolerance_is_exceeded(small_engine, tmp_pat
     assert "Traceback" not in result.output
     report = json.loads(out.read_text())  # the report is written before the exit
     assert report["fidelity"][0]["passed"] is False
+
+
+def test_a_named_backend_that_cannot_run_fails_after_the_report(small_engine, tmp_path):
+    """By default bench skips what this machine lacks; a backend named with --backend that is
+    skipped (no TensorRT engine here) must not exit 0 as if it had been measured."""
+    out = tmp_path / "trt.json"
+    result = CliRunner().invoke(main, ["bench", str(small_engine), "--backend", "onnxruntime", "--backend", "tensorrt",
+                                       "--device", "cpu", "--limit", "2", "--json", str(out)])
+    assert result.exit_code == MissingDependencyError.exit_code, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: requested backend not run: tensorrt: ") and "Traceback" not in result.output
+    assert sum(line.startswith("error:") for line in lines) == 1
+    report = json.loads(out.read_text())  # written before the exit, with what did run
+    assert [f["backend"] for f in report["fidelity"]] == ["onnxruntime"] and report["fidelity"][0]["passed"]
+    assert list(report["skipped"]) == ["tensorrt"] and report["requested"] == ["onnxruntime", "tensorrt"]
 
 
 def test_bench_bad_input_is_one_line(small_engine, tmp_path):

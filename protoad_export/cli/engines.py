@@ -94,7 +94,8 @@ def bench_cmd(engine_dir, backends, data, limit, fps, batch_sizes, device, atol,
               iterations, duration, json_path) -> None:
     """Check every backend against PyTorch FP32 on real images, then (--fps) time it.
 
-    Exits non-zero (5) when a backend exceeds a tolerance, after printing and writing the report.
+    Exits non-zero (5) when a backend exceeds a tolerance, or (4) when a backend named with
+    --backend could not run here, after printing and writing the report.
     """
     from ..bench import bench, check_tolerances, write_json
 
