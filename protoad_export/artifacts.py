@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -95,6 +95,18 @@ def remove_stale_work(final_dir: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path`` as a folder to write into, checked before any work: an existing file there, or
+    a file where a folder above it should be, is an InputError now rather than after the run."""
+    path = Path(path)
+    for at in (path, *path.parents):
+        if at.exists():
+            if not at.is_dir():
+                raise InputError(f"{option} {path}: {at} is a file, not a folder")
+            break
+    return path
 
 
 def staging_directory(final_dir: str | os.PathLike, kind: str = "staging") -> Path:

@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from . import __version__
-from .artifacts import atomic_path, commit_directory, staging_directory, write_manifest
+from .artifacts import atomic_path, commit_directory, output_folder, staging_directory, write_manifest
 from .backbones import get_spec, load_backbone
 from .errors import InputError
 from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
@@ -151,6 +151,7 @@ def build(
     log = log or (lambda _msg: None)
     if not name or "/" in name or name.startswith("."):
         raise InputError(f"engine name must be a plain folder name, got {name!r}")
+    output_folder(out)
     paths = training_images(data)
     if len(paths) < MIN_TRAIN_IMAGES:
         raise InputError(f"{len(paths)} normal images found in {data}; at least {MIN_TRAIN_IMAGES} are needed")

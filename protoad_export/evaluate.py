@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import metrics
-from .artifacts import atomic_write_json
+from .artifacts import atomic_write_json, output_folder
 from .errors import InputError
 from .images import LabelledImage, category_test_set, image_size, mask_for, training_images
 from .thresholds import evenly_spaced, manifest_threshold
@@ -257,6 +257,8 @@ def evaluate_engine(
     from .runtime import fitting_batch, load, preprocessing
 
     log = log or (lambda _m: None)
+    if out_dir is not None:
+        out_dir = output_folder(out_dir)
     if baseline is not None and baseline not in BASELINES:
         raise InputError(f"unknown baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
     runtime = load(engine_dir, backend, precision, device)
@@ -313,7 +315,6 @@ def evaluate_engine(
     if out_dir is not None:
         from .plots import write_plots
 
-        out_dir = Path(out_dir)
         report["plots"] = write_plots(out_dir, test.labels, [s.defect for s in test.samples], all_scores, threshold)
         atomic_write_json(out_dir / "evaluation.json", report)
     return report

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .artifacts import atomic_path, atomic_write_bytes, atomic_write_json
+from .artifacts import atomic_path, atomic_write_bytes, atomic_write_json, output_folder
 from .errors import InputError
 from .images import collect_images, load_image
 from .thresholds import DECISION_RULE, manifest_threshold
@@ -105,6 +105,7 @@ def predict(
 
     from .runtime import fitting_batch, load, preprocessing
 
+    out_dir = output_folder(out_dir)
     paths = collect_images(items)
     runtime = load(engine_dir, backend, precision, device)
     batch_size = fitting_batch(runtime.manifest, batch_size)
@@ -112,7 +113,6 @@ def predict(
     if value <= 0:
         raise InputError(f"threshold must be positive (scores are 1 - cosine), got {value}")
     prep = preprocessing(runtime.manifest)
-    out_dir = Path(out_dir)
     for sub in ("heatmaps", "overlays", "masks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     vmax = HEATMAP_SCALE * value

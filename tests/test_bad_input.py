@@ -186,3 +186,49 @@ def test_prototypes_are_never_unpickled(engine_copy):
     with pytest.raises(Exception) as exc:
         runtime.load(engine_copy, "torch")
     assert "pickle" in str(exc.value).lower() and isinstance(exc.value, ArtifactError)
+
+
+def test_an_output_path_that_is_a_file_is_one_line_before_any_work(small_engine, small_category, tmp_path, monkeypatch):
+    """--out (or a folder above it, or --json's folder) naming an existing file: one line and exit 2
+    before any work, not an OSError traceback after it. The CLI also maps such OSErrors raised later."""
+    import protoad_export.builder as builder
+    import protoad_export.evaluate as evaluate_module
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    # Work that must not start: the backbone load (build) and the test set (eval).
+    monkeypatch.setattr(builder, "load_backbone", lambda *a, **k: pytest.fail("build started"))
+    monkeypatch.setattr(evaluate_module, "load_test_set", lambda *a, **k: pytest.fail("eval started"))
+    good = small_category / "test" / "good"
+    cases = [
+        (["build", str(small_category), "--name", "x", "--backbone", "efficientnet_lite0", "--out", str(blocker)],
+         f"error: --out {blocker}: {blocker} is a file, not a folder"),
+        (["build", str(small_category), "--name", "x", "--backbone", "efficientnet_lite0", "--out", str(blocker / "sub")],
+         f"error: --out {blocker / 'sub'}: {blocker} is a file, not a folder"),
+        (["predict", str(small_engine), str(good), "--out", str(blocker)],
+         f"error: --out {blocker}: {blocker} is a file, not a folder"),
+        (["eval", str(small_engine), str(small_category), "--out", str(blocker)],
+         f"error: --out {blocker}: {blocker} is a file, not a folder"),
+        (["eval", str(small_engine), str(small_category), "--out", str(tmp_path / "ev"), "--json", str(blocker / "r.json")],
+         f"error: --json {blocker}: {blocker} is a file, not a folder"),
+        (["bench", str(small_engine), "--json", str(blocker / "r.json")],
+         f"error: --json {blocker}: {blocker} is a file, not a folder"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.output.strip().splitlines() == [message], (args, result.output)
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "ev").exists()
+
+
+def test_os_errors_about_files_and_folders_are_one_line(tmp_path, monkeypatch):
+    """The safety net behind those checks: a file where a folder goes (or the reverse) found while
+    writing is one line and exit 2, whichever command meets it."""
+    import protoad_export.builder as builder
+
+    def clash(*args, **kwargs):
+        raise NotADirectoryError(20, "Not a directory", str(tmp_path / "a_file" / "x"))
+
+    monkeypatch.setattr(builder, "training_images", clash)
+    result = CliRunner().invoke(main, ["build", str(tmp_path), "--name", "x", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / 'a_file' / 'x'}: Not a directory"

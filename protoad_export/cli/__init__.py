@@ -50,6 +50,9 @@ def handle_errors(func):
             if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
                 click.echo(f"error: cannot write {exc.filename}: {exc.strerror}", err=True)
                 sys.exit(6)
+            if exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a file where a folder goes, or back
+                click.echo(f"error: {exc.filename}: {exc.strerror}", err=True)
+                sys.exit(2)
             raise
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was replaced", err=True)

@@ -97,8 +97,11 @@ def bench_cmd(engine_dir, backends, data, limit, fps, batch_sizes, device, atol,
     Exits non-zero (5) when a backend exceeds a tolerance, or (4) when a backend named with
     --backend could not run here, after printing and writing the report.
     """
+    from ..artifacts import output_folder
     from ..bench import bench, check_tolerances, write_json
 
+    if json_path:
+        output_folder(json_path.parent, "--json")
     report = bench(engine_dir, backends or None, data, limit, fps, batch_sizes, device, atol, rtol, auroc_tol,
                    warmup, iterations, duration, log=click.echo)
     print_report(report)

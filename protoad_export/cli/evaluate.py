@@ -31,10 +31,12 @@ BACKEND_CHOICE = click.Choice(["onnxruntime", "torch", "tensorrt"])
 def eval_command(engine_dir, data, backend, precision, device, batch_size, baseline, baseline_train_images,
                  out, json_path, quiet) -> None:
     """Image AUROC, pixel AUROC and PRO per defect type and overall on an MVTec-style category DATA."""
-    from ..artifacts import atomic_write_json
+    from ..artifacts import atomic_write_json, output_folder
     from ..evaluate import evaluate_engine, format_table
 
     out = out or Path(f"eval-{Path(engine_dir).resolve().name}")
+    if json_path:
+        output_folder(json_path.parent, "--json")
     report = evaluate_engine(engine_dir, data, backend, precision, batch_size, baseline, baseline_train_images,
                              device, out, progress=not quiet, log=click.echo)
     click.echo(format_table(report))
