@@ -98,6 +98,8 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise InputError(f"--weights {path} is a folder: give the weights file itself (a .pth or .pt from torch.save)")
     if not path.is_file():
         raise InputError(f"weights file not found: {path}")
     try:

@@ -50,7 +50,8 @@ def _make(tmp_path: Path, case: str) -> list[str]:
         return ["build", str(data), "--name", "x", "--batch", "8:4:1", *out]
     if case == "unknown backbone":
         return ["build", str(data), "--name", "x", "--backbone", "vgg16", *out]
-    if case in ("weights of another architecture", "weights file that is a pickle", "missing weights file"):
+    if case in ("weights of another architecture", "weights file that is a pickle", "missing weights file",
+                "weights path that is a folder"):
         for i in range(6):
             write_image(data / f"{i}.png", seed=i)
     if case == "weights of another architecture":
@@ -61,6 +62,8 @@ def _make(tmp_path: Path, case: str) -> list[str]:
         path = tmp_path / "evil.pth"
         path.write_bytes(pickle.dumps(print))
         return ["build", str(data), "--name", "x", "--backbone", "resnet18", "--weights", str(path), *out]
+    if case == "weights path that is a folder":
+        return ["build", str(data), "--name", "x", "--backbone", "resnet18", "--weights", str(tmp_path), *out]
     if case == "missing weights file":
         return ["build", str(data), "--name", "x", "--backbone", "resnet18", "--weights", str(tmp_path / "none.pth"), *out]
     if case == "wide_resnet50_2 without weights":
@@ -87,6 +90,7 @@ CASES = {
     "weights of another architecture": (2, "does not hold resnet18 weights"),
     "weights file that is a pickle": (2, "not a loadable weights file"),
     "missing weights file": (2, "weights file not found"),
+    "weights path that is a folder": (2, "is a folder: give the weights file itself"),
     "wide_resnet50_2 without weights": (4, "--weights FILE"),
     "engine name with a slash": (2, "plain folder name"),
 }
