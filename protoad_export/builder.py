@@ -31,6 +31,7 @@ from .images import Preprocessing, image_size, is_mvtec_category, training_image
 from .network import PROTOTYPE_CHUNK, ProtoADNetwork, patch_grid
 from .onnx_export import inspect_graph, export_onnx
 from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, near_miss, sample_rows
+from .resources import check_build_resources
 from .runtime import similarity_batch
 from .thresholds import score_holdout, split_holdout
 
@@ -166,6 +167,10 @@ def build(
     grid = patch_grid(prep.crop, backbone.spec.strides[0])
     patch_features = PatchFeatures(backbone.module, config.align, grid)
     timings["backbone"] = time.perf_counter() - t0
+    # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
+    n_features = len(paths) * grid * grid
+    check_build_resources(n_features, min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim,
+                          out, device.type == "cpu" or config.neighbours == "approx", config.max_prototypes)
 
     final_dir = Path(out) / name
     staging = staging_directory(final_dir)

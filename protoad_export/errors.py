@@ -29,3 +29,9 @@ class ToleranceError(ProtoADError):
     """A backend's output differs from the reference by more than the allowed tolerance."""
 
     exit_code = 5
+
+
+class ResourceError(ProtoADError):
+    """Not enough memory or disk for the requested work (checked before it starts, or met while writing)."""
+
+    exit_code = 6

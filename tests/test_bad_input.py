@@ -236,3 +236,23 @@ def test_os_errors_about_files_and_folders_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builder, "training_images", clash)
     result = CliRunner().invoke(main, ["build", str(tmp_path), "--name", "x", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and result.output.strip() == f"error: {tmp_path / 'a_file' / 'x'}: Not a directory"
+
+
+def test_a_build_without_the_memory_for_finch_is_one_line_before_the_features(tmp_path, monkeypatch):
+    """Memory (simulated: 100 MiB available) that cannot hold FINCH's plan: exit 6 and one line
+    naming the remedy, before any feature is extracted, and no engine directory."""
+    import protoad_export.builder as builder
+    import protoad_export.resources as resources
+
+    data = tmp_path / "data"
+    for i in range(6):
+        write_image(data / f"{i}.png", seed=i)
+    monkeypatch.setattr(resources, "available_memory", lambda: 100 << 20)
+    monkeypatch.setattr(builder, "extract_features", lambda *a, **k: pytest.fail("features were extracted"))
+    result = CliRunner().invoke(main, ["build", str(data), "--name", "x", "--backbone", "efficientnet_lite0",
+                                       "--out", str(tmp_path / "engines"), "--quiet"])
+    assert result.exit_code == 6, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: FINCH on ") and "GiB of memory, 0.1 GiB is available: " in errors[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -121,3 +122,67 @@ def test_build_clusters_the_sample_only(tmp_path, small_category):
     assert train["patches"] > 4000
     assert result.manifest["prototypes"]["count"] < 500
     assert result.manifest["finch"]["partition_sizes"][0] < 4000
+
+
+def test_available_memory_reads_meminfo_and_both_cgroup_versions(tmp_path):
+    from protoad_export.resources import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:    8388608 kB\n")  # 8 GiB
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{4 << 30}\n")
+    (v2 / "memory.current").write_text(f"{3 << 30}\n")
+    (v2 / "memory.stat").write_text(f"anon 123\ninactive_file {1 << 30}\nactive_file 5\n")
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{16 << 30}\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{10 << 30}\n")
+    (v1 / "memory" / "memory.stat").write_text(f"cache 9\ntotal_inactive_file {2 << 30}\n")
+    # A container's limit less its usage without reclaimable cache: 4 - (3 - 1) GiB, below MemAvailable.
+    root_only = tmp_path / "no_proc_cgroup"  # the cgroup roots alone
+    assert available_memory(meminfo, v2, root_only) == 2 << 30
+    assert available_memory(meminfo, v1, root_only) == 8 << 30  # 16 - (10 - 2) = 8 GiB: the same as MemAvailable
+    (v2 / "memory.max").write_text("max\n")  # no limit: MemAvailable alone
+    assert available_memory(meminfo, v2, root_only) == 8 << 30
+    assert available_memory(tmp_path / "none", tmp_path / "none", root_only) is None
+    # The process's own cgroup (from /proc/self/cgroup) and its parents: here a v2 limit two levels down.
+    own = v2 / "system.slice" / "box"
+    own.mkdir(parents=True)
+    (own / "memory.max").write_text(f"{3 << 30}\n")
+    (own / "memory.current").write_text(f"{2 << 30}\n")
+    (own / "memory.stat").write_text("inactive_file 0\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/box\n")
+    assert available_memory(meminfo, v2, proc) == 1 << 30
+    proc.write_text("4:memory:/system.slice/box\n0::/\n")  # v1 names the memory controller's path
+    assert available_memory(meminfo, v2, proc) == 8 << 30  # v2 at the root: no limit there
+
+
+def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path):
+    """FINCH's plan (its 16-bit copy, 2 bytes per value on a CPU, plus a sample's FP16 rows) against
+    the memory available: the message names a --max-train-patches that fits, and it does fit."""
+    from protoad_export.errors import ResourceError
+    from protoad_export.resources import check_build_resources, finch_memory
+
+    n, dim, gib = 2_389_632, 1792, 1 << 30  # the full magnetic tile set with wide_resnet50_2
+    plan = finch_memory(n, dim, sampled=False, on_cpu=True)
+    assert 2 * n * dim < plan < 2.6 * n * dim + gib  # the copy, with slack
+    check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=plan, disk=100 * gib)  # fits: no error
+    with pytest.raises(ResourceError, match=r"^FINCH on 2,389,632 patch features of 1792 dims needs about 9\.8 GiB of "
+                                            r"memory, 6\.0 GiB is available: pass --max-train-patches (\d+) ") as info:
+        check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=6 * gib, disk=100 * gib)
+    fits = int(re.search(r"--max-train-patches (\d+)", str(info.value)).group(1))
+    check_build_resources(n, fits, dim, tmp_path, True, 10_000, memory=6 * gib, disk=100 * gib)  # the sample fits
+    with pytest.raises(ResourceError):
+        check_build_resources(n, fits + 50_000, dim, tmp_path, True, 10_000, memory=6 * gib, disk=100 * gib)
+    # On a GPU the rows live there: the host keeps the cluster means only.
+    on_gpu = finch_memory(n, dim, sampled=False, on_cpu=False)
+    assert on_gpu < plan
+    check_build_resources(n, n, dim, tmp_path, False, 10_000, memory=on_gpu, disk=100 * gib)
+    with pytest.raises(ResourceError):
+        check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=on_gpu, disk=100 * gib)
+    with pytest.raises(ResourceError, match="more memory or a smaller backbone"):
+        check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=gib // 2, disk=100 * gib)
+    with pytest.raises(ResourceError, match=r"^the features of this build \(2,389,632 patches x 1792 FP16 values\) need "
+                                            r"about 8\.6 GiB of disk beside .*, 5\.0 GiB is free"):
+        check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=100 * gib, disk=5 * gib)
