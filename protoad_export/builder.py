@@ -27,6 +27,7 @@ from .artifacts import atomic_path, commit_directory, output_folder, staging_dir
 from .backbones import get_spec, load_backbone
 from .errors import InputError
 from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
+from .finch import searches_on_cpu
 from .images import Preprocessing, image_size, is_mvtec_category, training_images
 from .network import PROTOTYPE_CHUNK, ProtoADNetwork, patch_grid
 from .onnx_export import inspect_graph, export_onnx
@@ -169,8 +170,9 @@ def build(
     timings["backbone"] = time.perf_counter() - t0
     # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
     n_features = len(paths) * grid * grid
-    check_build_resources(n_features, min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim,
-                          out, device.type == "cpu" or config.neighbours == "approx", config.max_prototypes)
+    n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
+    check_build_resources(n_features, n_clustered, dim, out, searches_on_cpu(n_clustered, dim, config.neighbours, device),
+                          config.max_prototypes)
 
     final_dir = Path(out) / name
     staging = staging_directory(final_dir)

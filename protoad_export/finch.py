@@ -42,6 +42,20 @@ def _gpu_free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0]
 
 
+def _gpu_exact_fits(n: int, dim: int, device: torch.device) -> tuple[bool, int, int]:
+    """Whether exact GPU search of ``n`` x ``dim`` rows fits ``GPU_MEMORY_SHARE`` of the free GPU
+    memory, with the bytes it needs and the bytes free."""
+    need, free = exact_gpu_bytes(n, dim), _gpu_free_bytes(device)
+    return need <= GPU_MEMORY_SHARE * free, need, free
+
+
+def searches_on_cpu(n: int, dim: int, method: str = "auto", device: torch.device | str = "cpu") -> bool:
+    """Whether ``first_neighbours`` will search ``n`` rows of ``dim`` on the CPU (and so hold them in
+    host memory): the build's memory plan asks before extracting any feature."""
+    device = torch.device(device)
+    return device.type != "cuda" or method == "approx" or (method == "auto" and not _gpu_exact_fits(n, dim, device)[0])
+
+
 def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, str]:
     """Pick the neighbour search: exact on a GPU (when its rows fit in ``GPU_MEMORY_SHARE`` of the
     free GPU memory) or for small N on a CPU, the IVF otherwise."""
@@ -52,8 +66,8 @@ def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device |
         raise InputError("FINCH needs at least two points")
     note = ""
     if device.type == "cuda" and method != "approx":
-        need, free = exact_gpu_bytes(*x.shape), _gpu_free_bytes(device)
-        if need > GPU_MEMORY_SHARE * free:
+        fits, need, free = _gpu_exact_fits(*x.shape, device)
+        if not fits:
             if method == "exact":
                 raise InputError(f"exact first neighbours of {len(x):,} x {x.shape[1]} features need {need / 2**30:.1f} GiB "
                                  f"of GPU memory, {free / 2**30:.1f} GiB is free: use --neighbours auto (the CPU's IVF "

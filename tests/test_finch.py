@@ -231,6 +231,11 @@ def test_gpu_without_memory_for_exact_search_falls_back_to_the_cpu(monkeypatch):
     with pytest.raises(InputError, match=r"^exact first neighbours of 25,000 x 32 features need 24.4 GiB of GPU memory, "
                                          r"1.0 GiB is free: use --neighbours auto"):
         first_neighbours(large, "exact", device="cuda")
+    # The build's memory plan asks the same question before extracting any feature.
+    assert not finch_module.searches_on_cpu(500, 32, "auto", "cuda")  # 500 MiB of 1 GiB free
+    assert finch_module.searches_on_cpu(25_000, 32, "auto", "cuda")
+    assert not finch_module.searches_on_cpu(25_000, 32, "exact", "cuda")  # exact then stops, as above
+    assert finch_module.searches_on_cpu(3000, 32, "approx", "cuda") and finch_module.searches_on_cpu(3000, 32, "auto", "cpu")
 
 
 def test_ivf_never_returns_self_or_missing():
