@@ -115,4 +115,6 @@ def test_gpu_bench_script_is_valid_bash_and_dry_runs():
     assert "protoad-export bench" in out and "--fps" in out
     # The full-scale targets: whole train set with wide_resnet50_2, exact kNN over every patch.
     assert "--name wide_resnet50_2_full" in out and "--baseline knn --device cuda" in out
+    # Issue 5's open GPU target runs first, before the small builds and the benches.
+    assert out.index("--name wide_resnet50_2_full") < out.index("--name efficientnet_lite0_random")
     assert "prototype_chunks.py" in out and "--torch-device cuda" in out
