@@ -2,7 +2,7 @@
 
 Runs one whole build in this process and prints, as JSON (GiB): the resident memory when the check
 runs (model loaded, nothing extracted yet), FINCH's planned bytes, the IVF's 16-bit copy, the peak
-(``ru_maxrss``) and the growth after the check. The plan must cover the growth.
+(``builder.peak_rss_mib``) and the growth after the check. The plan must cover the growth.
 
     python benchmarks/build_memory.py ../shared/data/magnetic_tile --backbone efficientnet_lite0
     python benchmarks/build_memory.py DIR_OF_200_IMAGES --backbone wide_resnet50_2 --weights random
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 
 from protoad_export import builder, resources
-from protoad_export.builder import BuildConfig, build
+from protoad_export.builder import BuildConfig, build, peak_rss_mib
 from protoad_export.images import Preprocessing
 
 
@@ -48,7 +47,7 @@ def main() -> None:
                          preprocessing=Preprocessing(mode=args.resize_mode))
     with tempfile.TemporaryDirectory() as out:
         build(args.data, "build_memory", out, config, log=None, progress=False)
-    seen["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seen["peak"] = int(peak_rss_mib() * 2**20)
     seen["growth"] = seen["peak"] - seen["rss_at_check"]
     seen["seconds"] = round(time.time() - start, 1)
     gib = {"rss_at_check", "copy", "planned", "available", "peak", "growth"}
