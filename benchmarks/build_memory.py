@@ -1,4 +1,4 @@
-"""A build's memory against the plan that ``protoad_export.resources`` checks before it starts.
+"""A build's memory against the plan that ``protoad_export.build.resources`` checks before it starts.
 
 Runs one whole build in this process and prints, as JSON (GiB): the resident memory when the check
 runs (model loaded, nothing extracted yet), FINCH's planned bytes, the IVF's 16-bit copy, the peak
@@ -15,9 +15,9 @@ import json
 import tempfile
 import time
 
-from protoad_export import builder, resources
-from protoad_export.builder import BuildConfig, build, peak_rss_mib
-from protoad_export.images import Preprocessing
+from protoad_export.build import pipeline as builder, resources
+from protoad_export.build.pipeline import BuildConfig, build, peak_rss_mib
+from protoad_export.data.images import Preprocessing
 
 
 def _rss() -> int:

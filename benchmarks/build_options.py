@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from protoad_export import metrics
-from protoad_export.backbones import get_spec, load_backbone
-from protoad_export.features import FeatureExtractor, Normalize, PatchFeatures, extract_features, l2_normalize
-from protoad_export.images import Preprocessing, category_test_set, load_batch, load_mask, training_images
-from protoad_export.network import GaussianBlur, ProtoADNetwork, patch_grid
-from protoad_export.prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes
+from protoad_export.evaluation import metrics
+from protoad_export.model.backbones import get_spec, load_backbone
+from protoad_export.model.features import FeatureExtractor, Normalize, PatchFeatures, extract_features, l2_normalize
+from protoad_export.data.images import Preprocessing, category_test_set, load_batch, load_mask, training_images
+from protoad_export.model.network import GaussianBlur, ProtoADNetwork, patch_grid
+from protoad_export.clustering.prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", REPO.parent / "shared" / "data")) / "magnetic_tile"
@@ -399,7 +399,7 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_eve
     import onnx
     import onnxruntime as ort
 
-    from protoad_export.onnx_export import export_onnx, inspect_graph
+    from protoad_export.export.onnx import export_onnx, inspect_graph
 
     mode, align = parse_config(cfg)
     prep = prep_for(mode)

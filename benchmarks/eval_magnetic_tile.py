@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from protoad_export.builder import BuildConfig, build
-from protoad_export.evaluate import NearestPatchScorer, evaluate_engine, image_auroc_differences
-from protoad_export.images import Preprocessing, training_images
-from protoad_export.thresholds import evenly_spaced
+from protoad_export.build.pipeline import BuildConfig, build
+from protoad_export.evaluation.evaluate import NearestPatchScorer, evaluate_engine, image_auroc_differences
+from protoad_export.data.images import Preprocessing, training_images
+from protoad_export.evaluation.thresholds import evenly_spaced
 
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -77,7 +77,7 @@ class TiledPrototypes(NearestPatchScorer):
     (``--tiled-above``; ``--check-tiled`` compares it with ONNX Runtime on one engine)."""
 
     def __init__(self, engine_dir: Path, manifest: dict) -> None:
-        from protoad_export.artifacts import load_array
+        from protoad_export.bundle import load_array
 
         super().__init__(engine_dir, manifest)
         protos = load_array(engine_dir, manifest, manifest["prototypes"]["file"])
@@ -87,8 +87,8 @@ class TiledPrototypes(NearestPatchScorer):
 def evaluate_tiled(engine_dir: Path, report_path: Path | None = None) -> dict:
     """``evaluate_engine``'s ProtoAD entry, scored by ``TiledPrototypes``; with ``report_path`` (an
     ONNX Runtime report of the same engine) also the largest score difference between the two."""
-    from protoad_export.artifacts import read_manifest
-    from protoad_export.evaluate import load_test_set, run_predictor, score_metrics
+    from protoad_export.bundle import read_manifest
+    from protoad_export.evaluation.evaluate import load_test_set, run_predictor, score_metrics
 
     manifest = read_manifest(engine_dir)
     scorer = TiledPrototypes(engine_dir, manifest)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protoad_export.backbones import get_spec
+from protoad_export.model.backbones import get_spec
 
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 MAX_PROTOTYPES = 10_000
@@ -55,10 +55,10 @@ TRAIN_FILE, TEST_FILE = f"train_{_HOST}.npy", f"test_{_HOST}.npy"
 
 def extract(backbone: str, paths: list[Path], out: Path, weights: str | None = None) -> np.ndarray:
     """Cached FP16 patch features of ``paths`` (the build's own extractor)."""
-    from protoad_export.backbones import load_backbone
-    from protoad_export.features import FeatureExtractor, PatchFeatures, extract_features
-    from protoad_export.images import Preprocessing
-    from protoad_export.network import patch_grid
+    from protoad_export.model.backbones import load_backbone
+    from protoad_export.model.features import FeatureExtractor, PatchFeatures, extract_features
+    from protoad_export.data.images import Preprocessing
+    from protoad_export.model.network import patch_grid
 
     if not out.exists():
         bb = load_backbone(backbone, weights)
@@ -76,7 +76,7 @@ def extract(backbone: str, paths: list[Path], out: Path, weights: str | None = N
 
 
 def cache_features(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from protoad_export.images import category_test_set, training_images
+    from protoad_export.data.images import category_test_set, training_images
 
     cache.mkdir(parents=True, exist_ok=True)
     train = extract("efficientnet_lite0", training_images(DATA), cache / TRAIN_FILE)
@@ -89,7 +89,7 @@ def cache_features(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def sample(cache: Path, n: int, seed: int = 0) -> np.ndarray:
     """The ``--max-train-patches`` sample of the cached train features, read with plain file reads
     block by block (no mapping), so the 0.8 GB file does not count in this process's peak RSS."""
-    from protoad_export.prototypes import sample_rows
+    from protoad_export.clustering.prototypes import sample_rows
 
     path = cache / TRAIN_FILE
     full = np.load(path, mmap_mode="r")
@@ -123,7 +123,7 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path, warm_calls: 
     x = sample(cache, n, seed)
     rss_before = peak_rss_mib()
     if method in ("ours", "exact"):
-        from protoad_export.finch import finch
+        from protoad_export.clustering.finch import finch
 
         how = "auto" if method == "ours" else "exact"
         t0 = time.perf_counter()
@@ -165,7 +165,7 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path, warm_calls: 
         # ProtoAD's rule on finch-clust's hierarchy: the first partition with fewer than 10,000 clusters.
         level = next((i for i, k in enumerate(sizes) if k < MAX_PROTOTYPES), len(sizes) - 1)
         labels = c[:, level]
-        from protoad_export.finch import cluster_means
+        from protoad_export.clustering.finch import cluster_means
 
         protos = cluster_means(x, labels, int(labels.max()) + 1)
         nn = captured[0]
@@ -182,7 +182,7 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path, warm_calls: 
 
 def exact_best(x: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Exact best similarity (self excluded) of rows ``queries`` of ``x`` against all of ``x``."""
-    from protoad_export.neighbours import unit_matrix
+    from protoad_export.clustering.neighbours import unit_matrix
 
     u = torch.from_numpy(unit_matrix(x))
     best = torch.empty(len(queries))
@@ -195,7 +195,7 @@ def exact_best(x: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def recall(x: np.ndarray, queries: np.ndarray, best: np.ndarray, nn: np.ndarray) -> float:
-    from protoad_export.neighbours import unit_matrix
+    from protoad_export.clustering.neighbours import unit_matrix
 
     q = unit_matrix(x[queries])
     found = np.einsum("ij,ij->i", q, unit_matrix(x[nn[queries]]))
@@ -204,8 +204,8 @@ def recall(x: np.ndarray, queries: np.ndarray, best: np.ndarray, nn: np.ndarray)
 
 def image_auroc(protos: np.ndarray, test: np.ndarray, labels: np.ndarray, grid: int = 56, crop: int = 224) -> float:
     """Image AUROC as the exported network scores: 1 - max cos to the re-normalised prototypes, upsampled, blurred, max."""
-    from protoad_export.metrics import image_auroc as auroc
-    from protoad_export.network import GaussianBlur
+    from protoad_export.evaluation.metrics import image_auroc as auroc
+    from protoad_export.model.network import GaussianBlur
 
     blur = GaussianBlur(crop, crop)
     p = torch.from_numpy(np.ascontiguousarray(protos, dtype=np.float32))

@@ -4,7 +4,7 @@ Run::
 
     flock /tmp/protoad-bench.lock python benchmarks/int8_products.py
 
-Why FINCH's IVF multiplies in int8 (``protoad_export/ivf.py``): the products of one list
+Why FINCH's IVF multiplies in int8 (``protoad_export/clustering/ivf.py``): the products of one list
 against the queries that probe it are [queries x C] @ [C x members] with C = 176
 (efficientnet_lite0) or 1792 (wide_resnet50_2) and a few hundred to a few thousand members.
 All four dtypes run side by side in one process; each figure is the best of ``--repeats``

@@ -1,6 +1,6 @@
 """Recall of a one-way and a two-way IVF at each nprobe, from list ranks alone (finch.md section 6).
 
-One-way (plain IVF, what ``protoad_export.finch`` runs): a point finds its exact first neighbour
+One-way (plain IVF, what ``protoad_export.clustering.finch`` runs): a point finds its exact first neighbour
 when the neighbour's list is among the point's ``nprobe`` best-ranked lists. Two-way: also when the
 point's own list is among the *neighbour's* ``nprobe`` lists, i.e. when the scan's products are
 read by columns as well as by rows. Uses the exact neighbours that ``finch_scaling.py`` saved::
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from finch_scaling import sample
-from protoad_export.ivf import IVF_KMEANS_ITERATIONS, IVF_LISTS_PER_ROOT, IVF_TRAIN_PER_LIST, spherical_kmeans
-from protoad_export.neighbours import normalised
+from protoad_export.clustering.ivf import IVF_KMEANS_ITERATIONS, IVF_LISTS_PER_ROOT, IVF_TRAIN_PER_LIST, spherical_kmeans
+from protoad_export.clustering.neighbours import normalised
 
 
 def main() -> None:

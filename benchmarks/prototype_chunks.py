@@ -36,10 +36,10 @@ def measure(engine_dir: Path, data: Path, chunk: int, images: int, batch: int, s
     ``torch_device``), time, peak memory."""
     import onnxruntime as ort
 
-    from protoad_export.artifacts import load_array, read_manifest
-    from protoad_export.evaluate import load_test_set
-    from protoad_export.network import ProtoADNetwork
-    from protoad_export.onnx_export import export_onnx
+    from protoad_export.bundle import load_array, read_manifest
+    from protoad_export.evaluation.evaluate import load_test_set
+    from protoad_export.model.network import ProtoADNetwork
+    from protoad_export.export.onnx import export_onnx
     from protoad_export.runtime import build_torch_network, preprocess_paths, preprocessing
 
     manifest = read_manifest(engine_dir)

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protoad_export.artifacts import load_array, read_manifest
-from protoad_export.evaluate import CPU_TILE, NearestPatchScorer, bank_images, load_test_set, run_predictor, score_metrics
-from protoad_export.features import extract_features
-from protoad_export.finch import cluster_means
+from protoad_export.bundle import load_array, read_manifest
+from protoad_export.evaluation.evaluate import CPU_TILE, NearestPatchScorer, bank_images, load_test_set, run_predictor, score_metrics
+from protoad_export.model.features import extract_features
+from protoad_export.clustering.finch import cluster_means
 
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 

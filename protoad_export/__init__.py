@@ -8,11 +8,11 @@ __all__ = ["__version__", "build", "BuildConfig", "Preprocessing"]
 def __getattr__(name: str):
     # Keep ``import protoad_export`` light: torch and friends load only when the API is used.
     if name in ("build", "BuildConfig"):
-        from . import builder as _build
+        from .build import pipeline as _build
 
         return getattr(_build, name)
     if name == "Preprocessing":
-        from .images import Preprocessing
+        from .data.images import Preprocessing
 
         return Preprocessing
     raise AttributeError(name)

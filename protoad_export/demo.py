@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .artifacts import atomic_path
+from .bundle import atomic_path
 from .errors import InputError
 
 DEFECTS = ("scratch", "spot", "crack")
@@ -125,11 +125,11 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Dataset (synthetic unless ``data``) -> build -> calibrate -> eval (+ kNN) -> predict, all under ``out``."""
-    from .builder import BuildConfig, build
-    from .evaluate import evaluate_engine, format_table
-    from .images import Preprocessing
+    from .build.pipeline import BuildConfig, build
+    from .evaluation.evaluate import evaluate_engine, format_table
+    from .data.images import Preprocessing
     from .predict import predict
-    from .thresholds import calibrate
+    from .evaluation.thresholds import calibrate
 
     out = Path(out)
     if data is None:

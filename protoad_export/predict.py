@@ -27,10 +27,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .artifacts import atomic_path, atomic_write_bytes, atomic_write_json, output_folder
+from .bundle import atomic_path, atomic_write_bytes, atomic_write_json, output_folder
 from .errors import InputError
-from .images import collect_images, load_image
-from .thresholds import DECISION_RULE, manifest_threshold
+from .data.images import collect_images, load_image
+from .evaluation.thresholds import DECISION_RULE, manifest_threshold
 
 HEATMAP_SCALE = 2.0  # the colour scale runs from 0 to this times the threshold
 OVERLAY_ALPHA = 0.5

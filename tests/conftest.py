@@ -49,7 +49,7 @@ def small_category(tmp_path_factory, magnetic_tile) -> Path:
 def small_engine(tmp_path_factory, small_category) -> Path:
     """An engine directory built with the offline backbone and default options on ``small_category``'s
     40 real training images (about a minute on 2 cores, once per session)."""
-    from protoad_export.builder import BuildConfig, build
+    from protoad_export.build.pipeline import BuildConfig, build
 
     out = tmp_path_factory.mktemp("engines")
     config = BuildConfig(backbone="efficientnet_lite0", batch_size=8)

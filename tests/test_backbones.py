@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from protoad_export.backbones import efficientnet_lite0_classifier, get_spec, load_backbone
+from protoad_export.model.backbones import efficientnet_lite0_classifier, get_spec, load_backbone
 from protoad_export.errors import InputError
-from protoad_export.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from protoad_export.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 # ImageNet classes a classifier may fairly give scikit-learn's two bundled photos.
 PHOTOS = {"china.jpg": (698, 663, 832), "flower.jpg": (985,)}  # palace, monastery, stupa; daisy
@@ -77,7 +77,7 @@ def test_runtime_rebuilds_an_old_manifest_with_the_old_host(small_engine, tmp_pa
     import json
     import shutil
 
-    from protoad_export.artifacts import read_manifest
+    from protoad_export.bundle import read_manifest
     from protoad_export.runtime import build_torch_network
 
     old_dir = tmp_path / "old"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from protoad_export.artifacts import read_manifest
+from protoad_export.bundle import read_manifest
 from protoad_export.cli import main
 from protoad_export.errors import ArtifactError
 
@@ -195,8 +195,8 @@ def test_prototypes_are_never_unpickled(engine_copy):
 def test_an_output_path_that_is_a_file_is_one_line_before_any_work(small_engine, small_category, tmp_path, monkeypatch):
     """--out (or a folder above it, or --json's folder) naming an existing file: one line and exit 2
     before any work, not an OSError traceback after it. The CLI also maps such OSErrors raised later."""
-    import protoad_export.builder as builder
-    import protoad_export.evaluate as evaluate_module
+    import protoad_export.build.pipeline as builder
+    import protoad_export.evaluation.evaluate as evaluate_module
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -228,7 +228,7 @@ def test_an_output_path_that_is_a_file_is_one_line_before_any_work(small_engine,
 def test_os_errors_about_files_and_folders_are_one_line(tmp_path, monkeypatch):
     """The safety net behind those checks: a file where a folder goes (or the reverse) found while
     writing is one line and exit 2, whichever command meets it."""
-    import protoad_export.builder as builder
+    import protoad_export.build.pipeline as builder
 
     def clash(*args, **kwargs):
         raise NotADirectoryError(20, "Not a directory", str(tmp_path / "a_file" / "x"))
@@ -241,8 +241,8 @@ def test_os_errors_about_files_and_folders_are_one_line(tmp_path, monkeypatch):
 def test_a_build_without_the_memory_for_finch_is_one_line_before_the_features(tmp_path, monkeypatch):
     """Memory (simulated: 100 MiB available) that cannot hold FINCH's plan: exit 6 and one line
     naming the remedy, before any feature is extracted, and no engine directory."""
-    import protoad_export.builder as builder
-    import protoad_export.resources as resources
+    import protoad_export.build.pipeline as builder
+    import protoad_export.build.resources as resources
 
     data = tmp_path / "data"
     for i in range(6):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from protoad_export.artifacts import read_manifest
-from protoad_export.bench import load_test_images
-from protoad_export.bench_timing import Stats, time_cpu
+from protoad_export.bundle import read_manifest
+from protoad_export.evaluation.bench import load_test_images
+from protoad_export.evaluation.timing import Stats, time_cpu
 from protoad_export.cli import main
 from protoad_export.errors import InputError, MissingDependencyError, ToleranceError
 

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 import pytest
 
-from protoad_export.artifacts import read_manifest, sha256_file
-from protoad_export.builder import BuildConfig, build
-from protoad_export.prototypes import near_miss
+from protoad_export.bundle import read_manifest, sha256_file
+from protoad_export.build.pipeline import BuildConfig, build
+from protoad_export.clustering.prototypes import near_miss
 
 REQUIRED_FILES = {"prototypes.npy", "model.fp32.onnx", "model.fp16.onnx"}
 
@@ -124,7 +124,7 @@ def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_engine, ten_i
     # The killed build's hidden staging folders are removed by the next build of the same name.
     leftovers = [p for p in out.iterdir() if p.name.startswith(".eng.")]
     assert leftovers
-    from protoad_export.artifacts import remove_stale_work
+    from protoad_export.bundle import remove_stale_work
 
     assert set(remove_stale_work(out / "eng")) == set(leftovers)
 
@@ -159,7 +159,7 @@ def test_sigterm_during_build_cleans_up_and_exits_143(small_engine, ten_images, 
 def test_disk_full_during_export_leaves_nothing(ten_images, tmp_path, monkeypatch):
     import errno
 
-    import protoad_export.onnx_export as onnx_export
+    import protoad_export.export.onnx as onnx_export
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "model.fp32.onnx")
@@ -215,7 +215,7 @@ def test_prototype_chunk_must_be_positive():
 
 def test_cli_prototype_chunk_default_is_the_networks():
     from protoad_export.cli import main
-    from protoad_export.network import PROTOTYPE_CHUNK
+    from protoad_export.model.network import PROTOTYPE_CHUNK
 
     option = next(p for p in main.commands["build"].params if p.name == "prototype_chunk")
     assert option.default == PROTOTYPE_CHUNK == BuildConfig().prototype_chunk

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from fake_tensorrt import FakeParserError, called, make_fake_tensorrt
 
-from protoad_export import engine
-from protoad_export.artifacts import read_manifest
+from protoad_export.export import tensorrt as engine
+from protoad_export.bundle import read_manifest
 from protoad_export.errors import ArtifactError, InputError, MissingDependencyError
 
 FAKE_GPU = {"gpu": "NVIDIA Fake GPU 40GB", "compute_capability": "8.9"}
@@ -244,7 +244,7 @@ def _real_tensorrt_reason() -> str | None:
 @pytest.mark.gpu
 @pytest.mark.skipif(_real_tensorrt_reason() is not None, reason=f"real TensorRT test: {_real_tensorrt_reason()}")
 def test_real_tensorrt_engine_matches_onnxruntime(engine_copy):
-    from protoad_export.bench import DEFAULT_TOLERANCES
+    from protoad_export.evaluation.bench import DEFAULT_TOLERANCES
     from protoad_export.runtime import load
 
     engine.compile_engine(engine_copy, batch_profile=(1, 4, 8), log=None)
@@ -263,7 +263,7 @@ def test_trtexec_style_timing_runs_the_three_steps(compiled, monkeypatch):
     """time_gpu's control flow on the CPU: events stand in for CUDA events, graph capture fails and is reported."""
     import time
 
-    from protoad_export.bench_timing import time_gpu
+    from protoad_export.evaluation.timing import time_gpu
 
     class WallClockEvent:
         def __init__(self, enable_timing=False):

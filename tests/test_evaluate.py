@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from protoad_export.errors import InputError
-from protoad_export.evaluate import (
+from protoad_export.evaluation.evaluate import (
     KnnBaseline,
     bank_images,
     evaluate_engine,
@@ -18,7 +18,7 @@ from protoad_export.evaluate import (
     load_test_set,
     nearest_similarity,
 )
-from protoad_export.images import load_mask
+from protoad_export.data.images import load_mask
 from protoad_export.runtime import preprocess_paths, preprocessing
 
 
@@ -92,7 +92,7 @@ def test_knn_bank_is_every_patch_of_the_fitting_images(knn_report, small_engine)
 
 
 def test_knn_scores_a_bank_image_as_normal(small_engine):
-    from protoad_export.artifacts import read_manifest
+    from protoad_export.bundle import read_manifest
 
     manifest = read_manifest(small_engine)
     bank = bank_images(manifest, 2)
@@ -104,7 +104,7 @@ def test_knn_scores_a_bank_image_as_normal(small_engine):
 
 
 def test_masks_follow_the_engine_geometry(small_engine, small_category, tmp_path):
-    from protoad_export.artifacts import read_manifest
+    from protoad_export.bundle import read_manifest
 
     prep = preprocessing(read_manifest(small_engine))
     test = load_test_set(small_category, prep)

@@ -10,11 +10,11 @@ import scipy.sparse as sp
 import torch
 
 from protoad_export.errors import InputError
-from protoad_export import finch as finch_module
-from protoad_export import ivf
-from protoad_export.finch import cluster_means, finch, first_neighbours
-from protoad_export.ivf import approx_first_neighbours, spherical_kmeans
-from protoad_export.neighbours import RECHECK_CANDIDATES, block_first_neighbours, exact_first_neighbours
+from protoad_export.clustering import finch as finch_module
+from protoad_export.clustering import ivf
+from protoad_export.clustering.finch import cluster_means, finch, first_neighbours
+from protoad_export.clustering.ivf import approx_first_neighbours, spherical_kmeans
+from protoad_export.clustering.neighbours import RECHECK_CANDIDATES, block_first_neighbours, exact_first_neighbours
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # finch-clust warns at import when pynndescent is missing
@@ -70,7 +70,7 @@ def test_ensure_early_exit_is_a_no_op():
 def test_cpu_tiles_equal_one_big_product_ties_included(monkeypatch):
     """The CPU path's cache-sized tiles (indices only for rows that improve) give what one N x N
     product and a row argmax give, including exact ties across tiles (first index wins)."""
-    from protoad_export import neighbours
+    from protoad_export.clustering import neighbours
 
     monkeypatch.setattr(neighbours, "_CPU_TILE_ROWS", 700)  # several row tiles and column blocks
     monkeypatch.setattr(neighbours, "SCAN_BLOCK_ELEMENTS", 700 * 300)
@@ -256,7 +256,7 @@ def test_auto_method_and_errors():
 
 
 def test_as_float32_converts_fp16_exactly_and_copies():
-    from protoad_export.features import as_float32
+    from protoad_export.model.features import as_float32
 
     bits = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)  # every FP16 value
     for source in (bits, np.ascontiguousarray(bits[:, ::2]), bits.astype(np.float32)):

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from protoad_export.errors import InputError
-from protoad_export.images import (
+from protoad_export.data.images import (
     Preprocessing, category_test_set, collect_images, list_images, load_image, mask_for, training_images,
 )
 
@@ -61,7 +61,7 @@ def test_truncated_jpeg(tmp_path):
 
 
 def test_decompression_bomb_refused(tmp_path, monkeypatch):
-    import protoad_export.images as images
+    import protoad_export.data.images as images
 
     path = write_image(tmp_path / "big.png", size=(300, 300))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)

@@ -1,4 +1,4 @@
-"""Tests for protoad_export.metrics: hand-worked cases and brute-force references."""
+"""Tests for protoad_export.evaluation.metrics: hand-worked cases and brute-force references."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from protoad_export.errors import InputError
-from protoad_export.metrics import (
+from protoad_export.evaluation.metrics import (
     Metrics,
     evaluate,
     image_auroc,
@@ -496,7 +496,7 @@ def test_evaluate_still_rejects_inconsistent_inputs() -> None:
 
 def test_pixels_outside_valid_are_left_out():
     """Letterbox padding: pixels that are no part of the image count neither as normal nor defective."""
-    from protoad_export.metrics import pixel_auroc, pro_score
+    from protoad_export.evaluation.metrics import pixel_auroc, pro_score
 
     masks = np.zeros((1, 4, 4), bool)
     masks[0, 1, 1] = True

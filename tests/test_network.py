@@ -12,11 +12,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from protoad_export import onnx_export
-from protoad_export.backbones import load_backbone
-from protoad_export.features import PatchFeatures
-from protoad_export.images import Preprocessing
-from protoad_export.network import BLUR_SIGMA, GaussianBlur, ProtoADNetwork, gaussian_taps, patch_grid, symmetric_pad_index
+from protoad_export.export import onnx as onnx_export
+from protoad_export.model.backbones import load_backbone
+from protoad_export.model.features import PatchFeatures
+from protoad_export.data.images import Preprocessing
+from protoad_export.model.network import BLUR_SIGMA, GaussianBlur, ProtoADNetwork, gaussian_taps, patch_grid, symmetric_pad_index
 
 CROP = 64
 N_PROTOTYPES = 300

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from protoad_export.artifacts import add_files_to_manifest
+from protoad_export.bundle import add_files_to_manifest
 from protoad_export.errors import InputError
 from protoad_export.predict import HEATMAP_SCALE, colorize, predict
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protoad_export.bench import DEFAULT_TOLERANCES
+from protoad_export.evaluation.bench import DEFAULT_TOLERANCES
 from protoad_export.errors import InputError, MissingDependencyError
-from protoad_export.images import category_test_set
-from protoad_export.network import PROTOTYPE_CHUNK
+from protoad_export.data.images import category_test_set
+from protoad_export.model.network import PROTOTYPE_CHUNK
 from protoad_export.runtime import SIMILARITY_BUDGET_BYTES, fitting_batch, load, predict_paths, preprocess_paths
 
 
 @pytest.fixture(scope="module")
 def real_batch(small_engine, small_category):
-    from protoad_export.artifacts import read_manifest
+    from protoad_export.bundle import read_manifest
 
     paths = [s.path for s in category_test_set(small_category)][:6]
     return paths, preprocess_paths(paths, read_manifest(small_engine))

@@ -12,15 +12,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from protoad_export.builder import BuildConfig
+from protoad_export.build.pipeline import BuildConfig
 from protoad_export.errors import InputError
-from protoad_export.prototypes import near_miss, sample_rows
+from protoad_export.clustering.prototypes import near_miss, sample_rows
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import numpy as np
-    from protoad_export import finch as F, ivf, neighbours
+    from protoad_export.clustering import finch as F, ivf, neighbours
 
     path, n, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = np.random.default_rng(0)
@@ -96,7 +96,7 @@ def test_build_config_validates_max_train_patches():
 def test_cli_passes_max_train_patches(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    from protoad_export import builder
+    from protoad_export.build import pipeline as builder
     from protoad_export.cli import main
 
     seen = {}
@@ -113,7 +113,7 @@ def test_cli_passes_max_train_patches(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_build_clusters_the_sample_only(tmp_path, small_category):
-    from protoad_export.builder import build
+    from protoad_export.build.pipeline import build
 
     config = BuildConfig(backbone="efficientnet_lite0", max_prototypes=500, max_train_patches=4000, batch_size=8)
     result = build(small_category, "sampled", tmp_path, config, log=None, progress=False)
@@ -125,7 +125,7 @@ def test_build_clusters_the_sample_only(tmp_path, small_category):
 
 
 def test_available_memory_reads_meminfo_and_both_cgroup_versions(tmp_path):
-    from protoad_export.resources import available_memory
+    from protoad_export.build.resources import available_memory
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:    8388608 kB\n")  # 8 GiB
@@ -162,7 +162,7 @@ def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path):
     """FINCH's plan (its 16-bit copy, 2 bytes per value on a CPU, plus a sample's FP16 rows) against
     the memory available: the message names a --max-train-patches that fits, and it does fit."""
     from protoad_export.errors import ResourceError
-    from protoad_export.resources import check_build_resources, finch_memory
+    from protoad_export.build.resources import check_build_resources, finch_memory
 
     n, dim, gib = 2_389_632, 1792, 1 << 30  # the full magnetic tile set with wide_resnet50_2
     plan = finch_memory(n, dim, sampled=False, on_cpu=True)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from protoad_export.artifacts import read_manifest, write_manifest
-from protoad_export.builder import BuildConfig
+from protoad_export.bundle import read_manifest, write_manifest
+from protoad_export.build.pipeline import BuildConfig
 from protoad_export.errors import ArtifactError, InputError
-from protoad_export.thresholds import (
+from protoad_export.evaluation.thresholds import (
     calibrate,
     evenly_spaced,
     f1_threshold,

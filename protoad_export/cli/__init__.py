@@ -68,7 +68,7 @@ class BatchProfile(click.ParamType):
     name = "MIN:OPT:MAX"
 
     def convert(self, value, param, ctx):
-        from ..builder import parse_batch_profile
+        from ..build.pipeline import parse_batch_profile
 
         if isinstance(value, tuple):
             return value

@@ -48,8 +48,8 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
 
     DATA is a folder of defect-free images or an MVTec-style category (its train/good is used).
     """
-    from ..builder import BuildConfig, build as run_build
-    from ..images import Preprocessing
+    from ..build.pipeline import BuildConfig, build as run_build
+    from ..data.images import Preprocessing
 
     config = BuildConfig(
         backbone=backbone, weights=weights, max_prototypes=max_prototypes, align=align,
@@ -73,7 +73,7 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
 def _compile_after_build(engine_dir: Path, batch_profile) -> None:
     """Last step of build: compile when TensorRT and a GPU are here, else say the ONNX files are ready."""
     try:
-        from .. import engine as trt_engine
+        from ..export import tensorrt as trt_engine
     except ImportError:
         trt_engine = None
     missing = trt_engine.missing_requirements() if trt_engine else "TensorRT support is not installed"

@@ -24,7 +24,7 @@ def _fmt(value, spec: str = ".4f") -> str:
 @handle_errors
 def compile_cmd(engine_dir, batch_profile, workspace, opt_level) -> None:
     """Compile ENGINE_DIR/model.fp16.onnx into a TensorRT engine for this GPU."""
-    from ..engine import compile_engine
+    from ..export.tensorrt import compile_engine
 
     compile_engine(engine_dir, batch_profile=batch_profile, workspace_gib=workspace,
                    optimization_level=opt_level, log=click.echo)
@@ -97,8 +97,8 @@ def bench_cmd(engine_dir, backends, data, limit, fps, batch_sizes, device, atol,
     Exits non-zero (5) when a backend exceeds a tolerance, or (4) when a backend named with
     --backend could not run here, after printing and writing the report.
     """
-    from ..artifacts import output_folder
-    from ..bench import bench, check_tolerances, write_json
+    from ..bundle import output_folder
+    from ..evaluation.bench import bench, check_tolerances, write_json
 
     if json_path:
         output_folder(json_path.parent, "--json")

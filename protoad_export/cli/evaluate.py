@@ -31,8 +31,8 @@ BACKEND_CHOICE = click.Choice(["onnxruntime", "torch", "tensorrt"])
 def eval_command(engine_dir, data, backend, precision, device, batch_size, baseline, baseline_train_images,
                  out, json_path, quiet) -> None:
     """Image AUROC, pixel AUROC and PRO per defect type and overall on an MVTec-style category DATA."""
-    from ..artifacts import atomic_write_json, output_folder
-    from ..evaluate import evaluate_engine, format_table
+    from ..bundle import atomic_write_json, output_folder
+    from ..evaluation.evaluate import evaluate_engine, format_table
 
     out = out or Path(f"eval-{Path(engine_dir).resolve().name}")
     if json_path:
@@ -56,7 +56,7 @@ def eval_command(engine_dir, data, backend, precision, device, batch_size, basel
 @handle_errors
 def calibrate(engine_dir, target_frr, data, backend, quiet) -> None:
     """Set the engine's decision threshold (defective if score > threshold) and store it in its manifest."""
-    from ..thresholds import calibrate as run_calibrate
+    from ..evaluation.thresholds import calibrate as run_calibrate
 
     t = run_calibrate(engine_dir, target_frr, data, backend, progress=not quiet)
     d = t.details

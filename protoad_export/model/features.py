@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InputError
-from .images import Preprocessing, load_image
+from ..errors import InputError
+from ..data.images import Preprocessing, load_image
 
 ALIGN_MODES = ("bilinear", "nearest")
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path
+from ..bundle import atomic_path
 
 
 def _figure():

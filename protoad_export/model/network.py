@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .features import Normalize, PatchFeatures, l2_normalize
-from .images import Preprocessing
+from ..data.images import Preprocessing
 
 PRECISIONS = ("fp32", "fp16")
 BLUR_SIGMA = 4.0

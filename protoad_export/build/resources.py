@@ -12,8 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import ResourceError
-from .finch import EXACT_CPU_LIMIT
+from ..errors import ResourceError
+from ..clustering.finch import EXACT_CPU_LIMIT
 
 # The plan is SLACK x the bytes held per value + RESERVE (the IVF's pair tables, chunks, the ONNX
 # export after FINCH). Measured growth of whole builds after this check (RESULTS.md section 2):

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import InputError, MissingDependencyError
-from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ..errors import InputError, MissingDependencyError
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 RANDOM_WEIGHTS = "random"
 # Inputs in [-1, 1]: what TensorFlow's EfficientNet-Lite was trained on ((x - 127) / 128).

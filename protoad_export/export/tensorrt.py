@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .artifacts import atomic_write_bytes, read_manifest, verify_file, write_manifest
-from .errors import ArtifactError, InputError, MissingDependencyError
+from ..bundle import atomic_write_bytes, read_manifest, verify_file, write_manifest
+from ..errors import ArtifactError, InputError, MissingDependencyError
 
 SUPPORTED_MAJORS = (10, 11)
 TIMING_CACHE = "tensorrt.timing.cache"
@@ -389,7 +389,7 @@ class TensorRTRuntime:
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 [B, 3, S, S] in [0, 1] -> (maps [B, S, S], scores [B]); any B, run in profile-sized chunks."""
-        from .runtime import _check_input
+        from ..runtime import _check_input
 
         images = _check_input(images, self.crop)
         maps, scores = [], []

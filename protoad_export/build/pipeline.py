@@ -22,19 +22,19 @@ import numpy as np
 import onnx
 import torch
 
-from . import __version__
-from .artifacts import atomic_path, commit_directory, output_folder, staging_directory, write_manifest
-from .backbones import get_spec, load_backbone
-from .errors import InputError
-from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
-from .finch import searches_on_cpu
-from .images import Preprocessing, image_size, is_mvtec_category, training_images
-from .network import PROTOTYPE_CHUNK, ProtoADNetwork, patch_grid
-from .onnx_export import inspect_graph, export_onnx
-from .prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, near_miss, sample_rows
+from .. import __version__
+from ..bundle import atomic_path, commit_directory, output_folder, staging_directory, write_manifest
+from ..model.backbones import get_spec, load_backbone
+from ..errors import InputError
+from ..model.features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
+from ..clustering.finch import searches_on_cpu
+from ..data.images import Preprocessing, image_size, is_mvtec_category, training_images
+from ..model.network import PROTOTYPE_CHUNK, ProtoADNetwork, patch_grid
+from ..export.onnx import inspect_graph, export_onnx
+from ..clustering.prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, near_miss, sample_rows
 from .resources import check_build_resources
-from .runtime import similarity_batch
-from .thresholds import score_holdout, split_holdout
+from ..runtime import similarity_batch
+from ..evaluation.thresholds import score_holdout, split_holdout
 
 MIN_TRAIN_IMAGES = 5
 MAX_SKIPPED_SHARE = 0.1
@@ -72,8 +72,8 @@ class BuildConfig:
     prototype_chunk: int = PROTOTYPE_CHUNK  # prototypes per conv of the graph (network.py)
 
     def __post_init__(self) -> None:
-        from .features import ALIGN_MODES
-        from .finch import NEIGHBOUR_METHODS
+        from ..model.features import ALIGN_MODES
+        from ..clustering.finch import NEIGHBOUR_METHODS
 
         get_spec(self.backbone)
         if self.align not in ALIGN_MODES:
@@ -279,6 +279,6 @@ def build(
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    from .artifacts import read_manifest
+    from ..bundle import read_manifest
 
     return BuildResult(final_dir, read_manifest(final_dir), network)

@@ -25,9 +25,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import metrics
-from .artifacts import atomic_write_json, output_folder
-from .errors import InputError
-from .images import LabelledImage, category_test_set, image_size, mask_for, training_images
+from ..bundle import atomic_write_json, output_folder
+from ..errors import InputError
+from ..data.images import LabelledImage, category_test_set, image_size, mask_for, training_images
 from .thresholds import evenly_spaced, manifest_threshold
 
 BASELINES = ("knn",)
@@ -146,9 +146,9 @@ class NearestPatchScorer:
     def __init__(self, engine_dir: str | Path, manifest: dict, device: str = "cpu") -> None:
         import torch
 
-        from .features import FeatureExtractor
-        from .network import GaussianBlur
-        from .runtime import build_torch_network, preprocessing
+        from ..model.features import FeatureExtractor
+        from ..model.network import GaussianBlur
+        from ..runtime import build_torch_network, preprocessing
 
         self.torch = torch
         self.device = torch.device(device)
@@ -179,7 +179,7 @@ class KnnBaseline(NearestPatchScorer):
 
     def __init__(self, engine_dir: str | Path, manifest: dict, paths: Sequence[Path], device: str = "cpu",
                  batch_size: int = 8, progress: bool = False) -> None:
-        from .features import as_float32, extract_features
+        from ..model.features import as_float32, extract_features
 
         super().__init__(engine_dir, manifest, device)
         torch = self.torch
@@ -208,7 +208,7 @@ def run_predictor(predictor, manifest: dict, paths: Sequence[Path], batch_size: 
     """Predict all paths in batches; returns (maps, scores, seconds) with decoding included in the time."""
     from tqdm.auto import tqdm
 
-    from .runtime import preprocess_paths
+    from ..runtime import preprocess_paths
 
     maps, scores = [], []
     t0 = time.perf_counter()
@@ -254,7 +254,7 @@ def evaluate_engine(
     Returns the report dict (also written to ``out_dir/evaluation.json`` with the plots when
     ``out_dir`` is given). Images per second include decoding and preprocessing.
     """
-    from .runtime import fitting_batch, load, preprocessing
+    from ..runtime import fitting_batch, load, preprocessing
 
     log = log or (lambda _m: None)
     if out_dir is not None:

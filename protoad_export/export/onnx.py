@@ -14,8 +14,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from .artifacts import atomic_path
-from .network import ProtoADNetwork
+from ..bundle import atomic_path
+from ..model.network import ProtoADNetwork
 
 OPSET = 18
 INPUT_NAME = "image"

@@ -12,9 +12,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .artifacts import load_array, read_manifest, verify_file
-from .errors import InputError, MissingDependencyError
-from .images import Preprocessing, load_batch
+from ..bundle import load_array, read_manifest, verify_file
+from ..errors import InputError, MissingDependencyError
+from ..data.images import Preprocessing, load_batch
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -50,9 +50,9 @@ def _check_input(images: np.ndarray, crop: int) -> np.ndarray:
 
 def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str = "fp32"):
     """Rebuild the ProtoAD module from the manifest (backbone weights checked by sha256) and prototypes."""
-    from .backbones import LEGACY_ARCHITECTURES, RANDOM_WEIGHTS, load_backbone
-    from .features import PatchFeatures
-    from .network import ProtoADNetwork, patch_grid
+    from ..model.backbones import LEGACY_ARCHITECTURES, RANDOM_WEIGHTS, load_backbone
+    from ..model.features import PatchFeatures
+    from ..model.network import ProtoADNetwork, patch_grid
 
     info = manifest["backbone"]
     weights = info["weights"]
@@ -197,7 +197,7 @@ def load(engine_dir: str | Path, backend: str = "onnxruntime", precision: str | 
         return OnnxRuntime(engine_dir, manifest, precision or "fp32", providers)
     if precision not in (None, "fp16"):
         raise InputError("TensorRT engines are FP16 (strongly typed from model.fp16.onnx)")
-    from .engine import TensorRTRuntime  # noqa: PLC0415  (TensorRT is optional)
+    from ..export.tensorrt import TensorRTRuntime  # noqa: PLC0415  (TensorRT is optional)
 
     return TensorRTRuntime(engine_dir, manifest)
 
@@ -219,7 +219,7 @@ class Predictions:
 def similarity_batch(prototypes: int, grid: Sequence[int], batch_size: int, chunk: int | None = None) -> int:
     """``batch_size``, cut so the batch's prototype-similarity tensor (one conv chunk's: ``chunk``
     prototypes, ``network.PROTOTYPE_CHUNK`` by default) fits ``SIMILARITY_BUDGET_BYTES``."""
-    from .network import PROTOTYPE_CHUNK
+    from ..model.network import PROTOTYPE_CHUNK
 
     per_image = min(int(prototypes), chunk or PROTOTYPE_CHUNK) * int(grid[0]) * int(grid[1]) * 4
     return max(1, min(batch_size, SIMILARITY_BUDGET_BYTES // per_image))

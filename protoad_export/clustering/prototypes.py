@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .finch import FinchResult, finch
 
 DEFAULT_MAX_PROTOTYPES = 10_000

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "Metrics",

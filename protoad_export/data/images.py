@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .errors import InputError
+from ..errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # PIL's default bomb limit (~179 Mpx) is for web images; a line camera frame stays well below 120 Mpx.

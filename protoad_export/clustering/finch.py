@@ -23,8 +23,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from .errors import InputError
-from .features import as_float32
+from ..errors import InputError
+from ..model.features import as_float32
 from .ivf import approx_first_neighbours
 from .neighbours import chunk_rows, exact_first_neighbours, exact_gpu_bytes, release_pages
 

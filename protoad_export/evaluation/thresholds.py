@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ArtifactError, InputError
+from ..errors import ArtifactError, InputError
 
 DECISION_RULE = "defective if score > threshold"
 HOLDOUT_RULE = "evenly spaced by sorted file name: image floor((i + 0.5) * n / m) for i < m, m = round(share * n)"
@@ -86,7 +86,7 @@ def score_holdout(network, paths: Sequence[Path], prep, share: float, device, ba
     """
     import torch
 
-    from .features import load_batches
+    from ..model.features import load_batches
 
     scores: list[float] = []
     used: list[str] = []
@@ -211,7 +211,7 @@ def calibrate(
 
     The threshold is written into the manifest (atomically), so the engine directory carries it.
     """
-    from .artifacts import add_files_to_manifest, read_manifest
+    from ..bundle import add_files_to_manifest, read_manifest
 
     manifest = read_manifest(engine_dir, verify=True)
     if data is None:
@@ -224,8 +224,8 @@ def calibrate(
         threshold = frr_threshold(holdout["scores"], target_frr)
         threshold.details["source"] = f"build hold-out ({holdout['network']})"
     else:
-        from .images import category_test_set
-        from .runtime import load, predict_paths
+        from ..data.images import category_test_set
+        from ..runtime import load, predict_paths
 
         samples = category_test_set(data, require_masks=False)
         runtime = load(engine_dir, backend)

@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_write_json, read_manifest
-from .errors import InputError, MissingDependencyError, ProtoADError, ToleranceError
+from ..bundle import atomic_write_json, read_manifest
+from ..errors import InputError, MissingDependencyError, ProtoADError, ToleranceError
 
 # name -> (runtime backend, precision, torch.compile); the CLI's --backend choices.
 BACKEND_SPECS: dict[str, tuple[str, str, bool]] = {
@@ -72,7 +72,7 @@ class Fidelity:
 
 def load_test_images(manifest: dict, data: str | Path | None, limit: int | None = None) -> TestImages:
     """``data`` (an MVTec-style category or a folder of images), else the manifest's ``test_data``."""
-    from .images import Preprocessing, category_test_set, is_mvtec_category, list_images, mask_for
+    from ..data.images import Preprocessing, category_test_set, is_mvtec_category, list_images, mask_for
 
     if data is None:
         data = manifest.get("test_data")
@@ -101,7 +101,7 @@ def load_test_images(manifest: dict, data: str | Path | None, limit: int | None 
 
 def run_all(runtime, images: TestImages, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Predict every test image in batches: (maps [N, S, S], scores [N])."""
-    from .runtime import predict_paths
+    from ..runtime import predict_paths
 
     pred = predict_paths(runtime, images.paths, batch_size=batch_size)
     return pred.maps, pred.scores
@@ -167,7 +167,7 @@ def machine_info() -> dict[str, Any]:
 
 def open_backend(engine_dir: Path, name: str, device: str):
     """Load one backend by its bench name (see BACKEND_SPECS)."""
-    from .runtime import load
+    from ..runtime import load
 
     if name not in BACKEND_SPECS:
         raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
@@ -182,7 +182,7 @@ def default_backends(device: str) -> list[str]:
     names = ["onnxruntime", "onnxruntime-fp16"]
     if device == "cuda":
         names = ["torch-fp16", "torch-fp16-compile", *names]
-        from . import engine
+        from ..export import tensorrt as engine
 
         if engine.missing_requirements() is None:
             names.append("tensorrt")
@@ -219,7 +219,7 @@ def bench(
     Returns the report (as written by ``--json``); raises ToleranceError after reporting when any
     backend exceeds a tolerance. ``atol``/``rtol`` default per precision (DEFAULT_TOLERANCES).
     """
-    from .bench_timing import time_runtime
+    from .timing import time_runtime
 
     log = log or (lambda _msg: None)
     engine_dir = Path(engine_dir)
@@ -269,7 +269,7 @@ def bench(
         report["fidelity"].append(asdict(fid) | {"passed": fid.passed})
 
     if fps:
-        from .runtime import preprocess_paths
+        from ..runtime import preprocess_paths
 
         timed = {"torch": reference, **runtimes}
         for b in batch_sizes:

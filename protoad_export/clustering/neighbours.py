@@ -14,8 +14,8 @@ import mmap
 import numpy as np
 import torch
 
-from .errors import InputError
-from .features import as_float32
+from ..errors import InputError
+from ..model.features import as_float32
 
 # Candidates re-scored in FP32 after FP16 products: FP16 inputs carry ~2^-12 relative error, so
 # close neighbours can swap order; the true winner is found unless more than this many
