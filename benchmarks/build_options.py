@@ -41,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from protoad_export.contract import InputContract
 from protoad_export.evaluation import metrics
 from protoad_export.model.backbones import get_spec, load_backbone
 from protoad_export.model.features import FeatureExtractor, Normalize, PatchFeatures, extract_features, l2_normalize
-from protoad_export.data.images import Preprocessing, category_test_set, load_batch, load_mask, training_images
+from protoad_export.data.images import Preprocessing, load_batch, load_mask
+from protoad_export.data.datasets import category_test_set, training_images
 from protoad_export.model.network import GaussianBlur, ProtoADNetwork, patch_grid
 from protoad_export.clustering.prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes
 
@@ -412,7 +414,7 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_eve
     for p, net in nets.items():
         files[p] = out / f"model.{p}.onnx"
         if not files[p].exists():
-            export_onnx(net, files[p])
+            export_onnx(net, files[p], InputContract("tensor", net.size))
     t_export = time.perf_counter() - t0
     graph16 = inspect_graph(onnx.load(str(files["fp16"])))
 

@@ -40,7 +40,8 @@ import numpy as np
 
 from protoad_export.build.pipeline import BuildConfig, build
 from protoad_export.evaluation.evaluate import NearestPatchScorer, evaluate_engine, image_auroc_differences
-from protoad_export.data.images import Preprocessing, training_images
+from protoad_export.data.images import Preprocessing
+from protoad_export.data.datasets import training_images
 from protoad_export.evaluation.thresholds import evenly_spaced
 
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"

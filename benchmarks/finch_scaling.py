@@ -76,7 +76,7 @@ def extract(backbone: str, paths: list[Path], out: Path, weights: str | None = N
 
 
 def cache_features(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from protoad_export.data.images import category_test_set, training_images
+    from protoad_export.data.datasets import category_test_set, training_images
 
     cache.mkdir(parents=True, exist_ok=True)
     train = extract("efficientnet_lite0", training_images(DATA), cache / TRAIN_FILE)

@@ -37,26 +37,29 @@ def measure(engine_dir: Path, data: Path, chunk: int, images: int, batch: int, s
     import onnxruntime as ort
 
     from protoad_export.bundle import load_array, read_manifest
-    from protoad_export.evaluation.evaluate import load_test_set
-    from protoad_export.model.network import ProtoADNetwork
+    from protoad_export.contract import InputContract
+    from protoad_export.data.datasets import load_test_set
+    from protoad_export.data.images import Preprocessing
     from protoad_export.export.onnx import export_onnx
-    from protoad_export.runtime import build_torch_network, preprocess_paths, preprocessing
+    from protoad_export.model.network import ProtoADNetwork
+    from protoad_export.runtime import preprocess_paths
+    from protoad_export.runtime.pytorch import build_torch_network
 
     manifest = read_manifest(engine_dir)
     reference = build_torch_network(engine_dir, manifest, "fp32")
     protos = np.asarray(load_array(engine_dir, manifest, manifest["prototypes"]["file"]), dtype=np.float32)
     precision = "fp16" if torch_device and torch_device.startswith("cuda") else "fp32"
-    net = ProtoADNetwork(reference.patch_features, protos, preprocessing(manifest), precision,
+    net = ProtoADNetwork(reference.patch_features, protos, Preprocessing.from_manifest(manifest), precision,
                          chunk=chunk or len(protos)).eval()
     del reference
-    paths = [t.path for t in load_test_set(data, preprocessing(manifest)).samples[:images]]
+    paths = [t.path for t in load_test_set(data, Preprocessing.from_manifest(manifest)).samples[:images]]
     batches = [preprocess_paths(paths[i : i + batch], manifest) for i in range(0, len(paths), batch)]
     row = {"chunk": chunk or len(protos), "prototypes": len(protos), "batch": batch, "images": len(paths)}
     if torch_device:
         return row | _time_torch(net, batches, torch_device, scores_out)
     with tempfile.TemporaryDirectory(prefix="protoad-chunks-") as tmp:
         t0 = time.perf_counter()
-        export_onnx(net, Path(tmp) / "model.onnx")
+        export_onnx(net, Path(tmp) / "model.onnx", InputContract("tensor", net.size))
         export_s = time.perf_counter() - t0
         convs = net.chunks
         del net

@@ -6,11 +6,12 @@ without either, ``predict`` stops with an error rather than hand out undecided r
 Output folder::
 
     results.csv, results.json     one row per image (unreadable images: decision "error")
-    heatmaps/<name>.png           anomaly map, colour scale fixed from 0 to 2 x threshold for all
-                                  images (the threshold is mid-scale), so pictures are comparable
-    overlays/<name>.png           the heat map blended over the *preprocessed* image (after the
-                                  engine's resize/crop), i.e. exactly what the network saw
-    masks/<name>.png              binary defect mask, 255 where map > threshold, at crop resolution
+    heatmaps/<name>.png           anomaly map at the image's own resolution (camera pixels), colour
+                                  scale fixed from 0 to 2 x threshold for all images (the threshold
+                                  is mid-scale), so pictures are comparable
+    overlays/<name>.png           the heat map blended over the image; what a centre crop left
+                                  uninspected is dimmed
+    masks/<name>.png              binary defect mask, 255 where map > threshold, image resolution
 
 ``<name>`` is the file's stem; a stem shared by several inputs is prefixed with its folder name
 (``crack_000``), and any remaining repeat gets ``-2``, ``-3``...
@@ -29,8 +30,9 @@ from PIL import Image
 
 from .bundle import atomic_path, atomic_write_bytes, atomic_write_json, output_folder
 from .errors import InputError
-from .data.images import collect_images, load_image
-from .evaluation.thresholds import DECISION_RULE, manifest_threshold
+from .data.images import load_image
+from .data.datasets import collect_images
+from .contract import DECISION_RULE, checked_threshold, manifest_threshold
 
 HEATMAP_SCALE = 2.0  # the colour scale runs from 0 to this times the threshold
 OVERLAY_ALPHA = 0.5
@@ -43,11 +45,14 @@ class ImageResult:
     path: str
     score: float | None
     decision: str  # "defective", "good" or "error"
-    defect_pixels: float | None  # share of the crop above the threshold
+    defect_pixels: float | None  # share of the inspected pixels above the threshold
     heatmap: str | None
     overlay: str | None
     mask: str | None
     error: str | None = None
+    width: int | None = None  # the image's size: heat map, overlay and mask have it too
+    height: int | None = None
+    inspected_box: list[float] | None = None  # (left, top, right, bottom) the model saw, in image pixels
 
 
 def colorize(anomaly_map: np.ndarray, vmax: float, cmap: str = "inferno") -> np.ndarray:
@@ -82,7 +87,7 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 def resolve_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
     """The threshold to decide with and where it came from; InputError when there is none."""
     if override is not None:
-        return float(override), "--threshold"
+        return checked_threshold(override, "threshold"), "threshold option"
     value = manifest_threshold(manifest)
     if value is None:
         raise InputError("the engine has no threshold: run `protoad-export calibrate ENGINE_DIR` or pass --threshold")
@@ -90,9 +95,10 @@ def resolve_threshold(manifest: dict, override: float | None) -> tuple[float, st
 
 
 def predict(
-    engine_dir: str | Path,
+    bundle_dir: str | Path,
     items: Sequence[str | Path],
     out_dir: str | Path,
+    *,
     backend: str = "onnxruntime",
     threshold: float | None = None,
     batch_size: int = 8,
@@ -100,64 +106,52 @@ def predict(
     device: str = "cpu",
     progress: bool = False,
 ) -> list[ImageResult]:
-    """Score files, folders and globs with an engine and write the pictures and tables to ``out_dir``."""
-    from tqdm.auto import tqdm
-
-    from .runtime import fitting_batch, load, preprocessing
+    """Score files, folders and globs with a bundle and write the pictures and tables to ``out_dir``."""
+    from .runtime import load, predict_paths
 
     out_dir = output_folder(out_dir)
     paths = collect_images(items)
-    runtime = load(engine_dir, backend, precision, device)
-    batch_size = fitting_batch(runtime.manifest, batch_size)
+    runtime = load(bundle_dir, backend, precision=precision, device=device)
     value, source = resolve_threshold(runtime.manifest, threshold)
-    if value <= 0:
-        raise InputError(f"threshold must be positive (scores are 1 - cosine), got {value}")
-    prep = preprocessing(runtime.manifest)
+    prep = runtime.preprocessing
     for sub in ("heatmaps", "overlays", "masks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     vmax = HEATMAP_SCALE * value
-    names = _unique_names(paths)
-    results: list[ImageResult] = []
-    with tqdm(total=len(paths), unit="img", disable=not progress, desc="predict") as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(zip(paths[start : start + batch_size], names[start : start + batch_size]))
-            decoded = []
-            for p, name in chunk:
-                try:
-                    decoded.append((p, name, prep.image_array(load_image(p))))
-                except InputError as exc:
-                    results.append(ImageResult(str(p), None, "error", None, None, None, None, str(exc)))
-            if decoded:
-                batch = np.stack([a for _, _, a in decoded])
-                maps, scores = runtime.predict(batch)
-                for (p, name, image), amap, score in zip(decoded, maps, scores):
-                    results.append(_write_outputs(out_dir, p, name, image, amap, float(score), value, vmax))
-            bar.update(len(chunk))
+    names = dict(zip(paths, _unique_names(paths)))
+    pred = predict_paths(runtime, paths, batch_size, progress=progress, skip_unreadable=True, desc="predict")
+    results = [ImageResult(str(p), None, "error", None, None, None, None, error=msg) for p, msg in pred.errors]
+    for p, amap, score in zip(pred.paths, pred.maps, pred.scores):
+        results.append(_write_outputs(out_dir, p, names[p], prep, amap, float(score), value, vmax))
     order = {str(p): i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order[r.path])
     if all(r.decision == "error" for r in results):
-        raise InputError(f"none of the {len(results)} images could be read (first: {results[0].error})")
+        raise InputError(f"none of the {len(results)} images could be scored (first: {results[0].error})")
     _write_tables(out_dir, results, {
-        "engine": str(Path(engine_dir).resolve()), "backend": backend, "threshold": value,
-        "threshold_source": source, "decision_rule": DECISION_RULE,
-        "heatmap_scale": [0.0, vmax], "overlay": "heat map over the preprocessed (resized/cropped) image",
-        "crop": prep.crop, "preprocessing": prep.to_dict(),
+        "bundle": str(Path(bundle_dir).resolve()), "backend": backend, "threshold": value,
+        "threshold_source": source, "decision_rule": DECISION_RULE, "heatmap_scale": [0.0, vmax],
+        "resolution": "each image's own pixels; outside the model's inspected box the map is 0",
+        "input": runtime.contract.to_manifest(), "preprocessing": prep.to_dict(),
     })
     return results
 
 
-def _write_outputs(out_dir: Path, path: Path, name: str, image: np.ndarray, amap: np.ndarray,
-                   score: float, threshold: float, vmax: float) -> ImageResult:
-    heat = colorize(amap, vmax)
-    rgb = (image.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
-    overlay = ((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat + 0.5).astype(np.uint8)
-    mask = amap > threshold
+def _write_outputs(out_dir: Path, path: Path, name: str, prep, amap: np.ndarray, score: float,
+                   threshold: float, vmax: float) -> ImageResult:
+    rgb = np.asarray(load_image(path), dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    full, inspected = prep.map_to_image(amap, width, height)
+    heat = colorize(full, vmax)
+    overlay = (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat
+    overlay[~inspected] = 0.5 * rgb[~inspected]  # not inspected: dimmed, no heat
+    mask = full > threshold
     files = {"heatmap": f"heatmaps/{name}.png", "overlay": f"overlays/{name}.png", "mask": f"masks/{name}.png"}
     atomic_write_bytes(out_dir / files["heatmap"], _png_bytes(heat, "RGB"))
-    atomic_write_bytes(out_dir / files["overlay"], _png_bytes(overlay, "RGB"))
+    atomic_write_bytes(out_dir / files["overlay"], _png_bytes((overlay + 0.5).astype(np.uint8), "RGB"))
     atomic_write_bytes(out_dir / files["mask"], _png_bytes(mask.astype(np.uint8) * 255, "L"))
     decision = "defective" if score > threshold else "good"
-    return ImageResult(str(path), score, decision, float(mask.mean()), **files)
+    box = [round(v, 1) for v in prep.inspected_box(width, height)]
+    return ImageResult(str(path), score, decision, float(mask[inspected].mean()), **files, width=width, height=height,
+                       inspected_box=box)
 
 
 def _write_tables(out_dir: Path, results: list[ImageResult], meta: dict) -> None:

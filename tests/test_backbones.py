@@ -78,7 +78,7 @@ def test_runtime_rebuilds_an_old_manifest_with_the_old_host(small_engine, tmp_pa
     import shutil
 
     from protoad_export.bundle import read_manifest
-    from protoad_export.runtime import build_torch_network
+    from protoad_export.runtime.pytorch import build_torch_network
 
     old_dir = tmp_path / "old"
     shutil.copytree(small_engine, old_dir)

@@ -215,7 +215,7 @@ def test_prototype_chunk_must_be_positive():
 
 def test_cli_prototype_chunk_default_is_the_networks():
     from protoad_export.cli import main
-    from protoad_export.model.network import PROTOTYPE_CHUNK
+    from protoad_export.options import PROTOTYPE_CHUNK
 
     option = next(p for p in main.commands["build"].params if p.name == "prototype_chunk")
     assert option.default == PROTOTYPE_CHUNK == BuildConfig().prototype_chunk

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from fake_tensorrt import FakeParserError, called, make_fake_tensorrt
 
 from protoad_export.export import tensorrt as engine
+from protoad_export.runtime import tensorrt as trt_runtime
 from protoad_export.bundle import read_manifest
 from protoad_export.errors import ArtifactError, InputError, MissingDependencyError
 
@@ -170,7 +171,7 @@ def test_runtime_dynamic_batch_through_the_tensor_name_api(compiled):
     trt, engine_dir = compiled
     memory = CpuMemory()
     trt.compute = fake_model(memory)
-    rt = engine.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
+    rt = trt_runtime.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
     assert {args[0] for args in called(trt, "set_tensor_address")} == {"image", "anomaly_map", "score"}
     crop = rt.crop
     images = np.random.default_rng(0).random((7, 3, crop, crop), dtype=np.float32)
@@ -203,7 +204,7 @@ def test_runtime_refuses_other_version_or_gpu_before_deserialising(compiled, cha
     trt, engine_dir = compiled
     manifest = _edit_entry(engine_dir, **changes)
     with pytest.raises(ArtifactError, match=message):
-        engine.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
     assert called(trt, "deserialize_cuda_engine") == []
 
 
@@ -212,15 +213,15 @@ def test_runtime_refuses_engine_of_another_gpu_or_tampered_or_absent(compiled, m
     manifest = read_manifest(engine_dir)
     monkeypatch.setattr(engine, "gpu_info", lambda: {"gpu": "NVIDIA Other", "compute_capability": "8.9"})
     with pytest.raises(ArtifactError, match="no engine for this GPU .NVIDIA Other.*NVIDIA Fake GPU"):
-        engine.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
     monkeypatch.setattr(engine, "gpu_info", lambda: dict(FAKE_GPU))
     with open(engine_dir / f"model.fp16.{FAKE_SLUG}.engine", "ab") as handle:
         handle.write(b"x")
     with pytest.raises(ArtifactError, match="sha256"):
-        engine.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
     assert called(trt, "deserialize_cuda_engine") == []
     with pytest.raises(ArtifactError, match="protoad-export compile"):
-        engine.TensorRTRuntime(small_engine, read_manifest(small_engine), memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(small_engine, read_manifest(small_engine), memory_factory=CpuMemory)
 
 
 def test_load_tensorrt_backend_explains_what_is_missing(monkeypatch, small_engine):
@@ -279,7 +280,7 @@ def test_trtexec_style_timing_runs_the_three_steps(compiled, monkeypatch):
     trt, engine_dir = compiled
     memory = CpuMemory()
     trt.compute = fake_model(memory)
-    rt = engine.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
+    rt = trt_runtime.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
     images = np.zeros((2, 3, rt.crop, rt.crop), np.float32)
     res = time_gpu(rt, images, "tensorrt", warmup=1, iterations=3, cuda_graph=True)
     assert res.batch == 2 and res.iterations >= 3 and res.compute is not None and res.h2d is not None

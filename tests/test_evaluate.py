@@ -10,16 +10,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from protoad_export.errors import InputError
-from protoad_export.evaluation.evaluate import (
-    KnnBaseline,
-    bank_images,
-    evaluate_engine,
-    format_table,
-    load_test_set,
-    nearest_similarity,
-)
-from protoad_export.data.images import load_mask
-from protoad_export.runtime import preprocess_paths, preprocessing
+from protoad_export.data.datasets import load_test_set
+from protoad_export.data.images import Preprocessing, load_mask
+from protoad_export.evaluation.evaluate import evaluate_engine, format_table
+from protoad_export.evaluation.knn import KnnBaseline, bank_images, nearest_similarity
+from protoad_export.runtime import preprocess_paths
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +101,7 @@ def test_knn_scores_a_bank_image_as_normal(small_engine):
 def test_masks_follow_the_engine_geometry(small_engine, small_category, tmp_path):
     from protoad_export.bundle import read_manifest
 
-    prep = preprocessing(read_manifest(small_engine))
+    prep = Preprocessing.from_manifest(read_manifest(small_engine))
     test = load_test_set(small_category, prep)
     i = next(k for k, s in enumerate(test.samples) if s.mask_path is not None)
     assert np.array_equal(test.masks[i], prep.mask_array(load_mask(test.samples[i].mask_path)))

@@ -256,7 +256,7 @@ def test_auto_method_and_errors():
 
 
 def test_as_float32_converts_fp16_exactly_and_copies():
-    from protoad_export.model.features import as_float32
+    from protoad_export.clustering.neighbours import as_float32
 
     bits = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)  # every FP16 value
     for source in (bits, np.ascontiguousarray(bits[:, ::2]), bits.astype(np.float32)):

@@ -10,9 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from protoad_export.errors import InputError
-from protoad_export.data.images import (
-    Preprocessing, category_test_set, collect_images, list_images, load_image, mask_for, training_images,
-)
+from protoad_export.data.datasets import category_test_set, collect_images, list_images, mask_for, training_images
+from protoad_export.data.images import Preprocessing, load_image
 
 from conftest import write_image
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from protoad_export.contract import InputContract
 from protoad_export.export import onnx as onnx_export
 from protoad_export.model.backbones import load_backbone
 from protoad_export.model.features import PatchFeatures
@@ -150,7 +151,7 @@ def exported(tiny, tmp_path_factory):
     for precision in ("fp32", "fp16"):
         pf = copy.deepcopy(tiny["pf"]) if precision == "fp16" else tiny["pf"]
         nets[precision] = ProtoADNetwork(pf, tiny["protos"], tiny["prep"], precision).eval()
-        files[precision] = onnx_export.export_onnx(nets[precision], out / f"model.{precision}.onnx")
+        files[precision] = onnx_export.export_onnx(nets[precision], out / f"model.{precision}.onnx", InputContract("tensor", nets[precision].size))
     return nets, files
 
 
@@ -279,7 +280,7 @@ def exported_chunked(tiny, tmp_path_factory):
     for precision in ("fp32", "fp16"):
         pf = copy.deepcopy(tiny["pf"]) if precision == "fp16" else tiny["pf"]
         net = ProtoADNetwork(pf, tiny["protos"], tiny["prep"], precision, chunk=128).eval()
-        files[precision] = onnx_export.export_onnx(net, out / f"model.{precision}.onnx")
+        files[precision] = onnx_export.export_onnx(net, out / f"model.{precision}.onnx", InputContract("tensor", net.size))
     return files
 
 

@@ -7,9 +7,10 @@ import pytest
 
 from protoad_export.evaluation.bench import DEFAULT_TOLERANCES
 from protoad_export.errors import InputError, MissingDependencyError
-from protoad_export.data.images import category_test_set
-from protoad_export.model.network import PROTOTYPE_CHUNK
-from protoad_export.runtime import SIMILARITY_BUDGET_BYTES, fitting_batch, load, predict_paths, preprocess_paths
+from protoad_export.data.datasets import category_test_set
+from protoad_export.options import PROTOTYPE_CHUNK
+from protoad_export.options import SIMILARITY_BUDGET_BYTES
+from protoad_export.runtime import fitting_batch, load, predict_paths, preprocess_paths
 
 
 @pytest.fixture(scope="module")

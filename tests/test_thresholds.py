@@ -11,14 +11,9 @@ from click.testing import CliRunner
 from protoad_export.bundle import read_manifest, write_manifest
 from protoad_export.build.pipeline import BuildConfig
 from protoad_export.errors import ArtifactError, InputError
-from protoad_export.evaluation.thresholds import (
-    calibrate,
-    evenly_spaced,
-    f1_threshold,
-    frr_threshold,
-    manifest_threshold,
-    split_holdout,
-)
+from protoad_export.contract import manifest_threshold
+from protoad_export.data.datasets import evenly_spaced
+from protoad_export.evaluation.thresholds import calibrate, f1_threshold, frr_threshold, split_holdout
 
 
 def test_split_holdout_is_deterministic_disjoint_and_spread():

@@ -28,12 +28,13 @@ from ..model.backbones import get_spec, load_backbone
 from ..errors import InputError
 from ..model.features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
 from ..clustering.finch import searches_on_cpu
-from ..data.images import Preprocessing, image_size, is_mvtec_category, training_images
-from ..model.network import PROTOTYPE_CHUNK, ProtoADNetwork, patch_grid
+from ..data.images import Preprocessing, image_size
+from ..data.datasets import is_mvtec_category, training_images
+from ..model.network import ProtoADNetwork, patch_grid
 from ..export.onnx import inspect_graph, export_onnx
-from ..clustering.prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes, near_miss, sample_rows
+from ..clustering.prototypes import fit_prototypes, near_miss, sample_rows
+from ..options import ALIGN_MODES, DEFAULT_MAX_PROTOTYPES, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK, similarity_batch
 from .resources import check_build_resources
-from ..runtime import similarity_batch
 from ..evaluation.thresholds import score_holdout, split_holdout
 
 MIN_TRAIN_IMAGES = 5
@@ -72,9 +73,6 @@ class BuildConfig:
     prototype_chunk: int = PROTOTYPE_CHUNK  # prototypes per conv of the graph (network.py)
 
     def __post_init__(self) -> None:
-        from ..model.features import ALIGN_MODES
-        from ..clustering.finch import NEIGHBOUR_METHODS
-
         get_spec(self.backbone)
         if self.align not in ALIGN_MODES:
             raise InputError(f"unknown align mode {self.align!r}: choose one of {', '.join(ALIGN_MODES)}")

@@ -91,7 +91,8 @@ def predict_command(engine_dir, images, out, backend, precision, device, thresho
     """
     from ..predict import predict
 
-    results = predict(engine_dir, images, out, backend, threshold, batch_size, precision, device, progress=not quiet)
+    results = predict(engine_dir, images, out, backend=backend, threshold=threshold, batch_size=batch_size,
+                      precision=precision, device=device, progress=not quiet)
     counts = {k: sum(r.decision == k for r in results) for k in ("good", "defective", "error")}
     for r in results:
         if r.decision == "error":

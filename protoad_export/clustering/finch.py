@@ -24,11 +24,10 @@ import torch
 from scipy.sparse.csgraph import connected_components
 
 from ..errors import InputError
-from ..model.features import as_float32
+from ..options import NEIGHBOUR_METHODS
 from .ivf import approx_first_neighbours
-from .neighbours import chunk_rows, exact_first_neighbours, exact_gpu_bytes, release_pages
+from .neighbours import as_float32, chunk_rows, exact_first_neighbours, exact_gpu_bytes, release_pages
 
-NEIGHBOUR_METHODS = ("auto", "exact", "approx")
 # Up to this many points a CPU searches exactly (N^2 * C at BLAS speed); above, an IVF index
 # whose nprobe is calibrated at run time to a measured first-neighbour recall (finch.md).
 EXACT_CPU_LIMIT = 20_000

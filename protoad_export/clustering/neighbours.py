@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..model.features import as_float32
 
 # Candidates re-scored in FP32 after FP16 products: FP16 inputs carry ~2^-12 relative error, so
 # close neighbours can swap order; the true winner is found unless more than this many
@@ -27,6 +26,15 @@ BLOCK_ELEMENTS = 1 << 24  # similarities per block of exact products (64 MiB in 
 # its row maxima (at 100k points the IVF scan took 4.6 s at this size, 6.1 s at 64 MiB).
 SCAN_BLOCK_ELEMENTS = 1 << 20
 _CPU_TILE_ROWS = 2048  # rows per tile of exact CPU search (x 512 columns at that block size)
+
+
+def as_float32(block: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``block`` (rows of the FP16 store, or anything else). FP16 converts through
+    torch, which uses the CPU's F16C instructions: 6x numpy's conversion here (21 vs 139 ms for
+    100k x 176)."""
+    if block.dtype == np.float16:
+        return torch.from_numpy(np.array(block)).float().numpy()  # np.array: writable, for torch
+    return np.array(block, dtype=np.float32)
 
 
 def chunk_rows(x: np.ndarray) -> int:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..options import DEFAULT_MAX_PROTOTYPES
 from .finch import FinchResult, finch
 
-DEFAULT_MAX_PROTOTYPES = 10_000
 # A partition this close above the limit is a near miss worth a warning: FINCH's next level is
 # typically 4-5x smaller, and fewer prototypes score worse on varied parts (RESULTS.md 4a).
 NEAR_MISS_RATIO = 1.25

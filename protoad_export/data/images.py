@@ -10,17 +10,18 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import InputError
+from ..options import DEFAULT_CROP, DEFAULT_RESIZE, RESIZE_MODES
+from .resample import AxisResample, axis_resample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # PIL's default bomb limit (~179 Mpx) is for web images; a line camera frame stays well below 120 Mpx.
 MAX_IMAGE_PIXELS = 120_000_000
-RESIZE_MODES = ("crop", "squash", "letterbox")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -39,8 +40,8 @@ class Preprocessing:
     weights were trained with), filled in by ``BackboneSpec.preprocessing`` before a network is made.
     """
 
-    resize: int = 256
-    crop: int = 224
+    resize: int = DEFAULT_RESIZE
+    crop: int = DEFAULT_CROP
     mode: str = "crop"
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -65,6 +66,11 @@ class Preprocessing:
             mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
         )
 
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Preprocessing":
+        """A bundle's preprocessing (its manifest's ``preprocessing`` entry)."""
+        return cls.from_dict(manifest["preprocessing"])
+
     def normalisation(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """(mean, std); an error while they are still the backbone's to decide."""
         if self.mean is None or self.std is None:
@@ -88,13 +94,37 @@ class Preprocessing:
     def apply(self, image: Image.Image, resample: int = Image.BILINEAR) -> Image.Image:
         """Apply the geometry to a PIL image (RGB or mask); masks pass ``Image.NEAREST``."""
         size, box, offset = self.geometry(*image.size)
-        # PIL's BILINEAR resize antialiases when shrinking, as torchvision's Resize(antialias=True).
+        # Masks (NEAREST) only: images go through pixels_array, whose resize the graph repeats.
         resized = image.resize(size, resample)
         if self.mode == "crop" or self.mode == "squash":
             return resized.crop(box)
         canvas = Image.new(image.mode, (self.crop, self.crop), 0)
         canvas.paste(resized, offset)
         return canvas
+
+    def inspected_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the part of a ``width`` x ``height`` image the model sees, in
+        the image's pixels (the centre crop's region; the whole image for squash and letterbox)."""
+        (w, h), (left, top, right, bottom), _ = self.geometry(width, height)
+        sx, sy = width / w, height / h
+        return left * sx, top * sy, right * sx, bottom * sy
+
+    def map_to_image(self, anomaly_map: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """A model-resolution map [S, S] -> (float32 [height, width] in the image's own pixels,
+        bool [height, width]: pixels the model inspected). Outside the inspected region (what a
+        centre crop leaves out) the map is 0; letterbox padding is dropped."""
+        (w, h), _, (ox, oy) = self.geometry(width, height)
+        region = np.asarray(anomaly_map, dtype=np.float32)
+        if self.mode == "letterbox":
+            region = region[oy : oy + h, ox : ox + w]
+        left, top, right, bottom = (int(round(v)) for v in self.inspected_box(width, height))
+        full = np.zeros((height, width), dtype=np.float32)
+        inspected = np.zeros((height, width), dtype=bool)
+        size = (max(1, right - left), max(1, bottom - top))
+        full[top : top + size[1], left : left + size[0]] = np.asarray(
+            Image.fromarray(np.ascontiguousarray(region), "F").resize(size, Image.BILINEAR))
+        inspected[top : top + size[1], left : left + size[0]] = True
+        return full, inspected
 
     def valid_mask(self, width: int, height: int) -> np.ndarray:
         """bool [crop, crop]: output pixels that come from the image (False on letterbox padding)."""
@@ -106,10 +136,32 @@ class Preprocessing:
             valid[:] = True
         return valid
 
+    def tables(self, width: int, height: int) -> tuple[AxisResample, AxisResample, tuple[int, int]]:
+        """The resize of a ``width`` x ``height`` image as two axis tables (only the kept outputs) and
+        the paste offset (x, y) of the result in the model input (letterbox; (0, 0) otherwise)."""
+        (w, h), (left, top, right, bottom), offset = self.geometry(width, height)
+        return axis_resample(width, w, (left, right)), axis_resample(height, h, (top, bottom)), offset
+
+    def pixels_array(self, pixels: np.ndarray) -> np.ndarray:
+        """RGB uint8 [H, W, 3] -> float32 [3, crop, crop] in [0, 1] (mean/std are applied inside the network).
+
+        The same arithmetic, in the same order, as the graph's ``frames`` input
+        (``model.frames.FrameInput``): cast, resize the height (rows, in the frame's own layout),
+        then the width, scale by 1/255 (on the small result), pad.
+        """
+        height, width = pixels.shape[:2]
+        axis_w, axis_h, (left, top) = self.tables(width, height)
+        x = axis_h.apply_first(pixels.astype(np.float32))  # [h, W, 3]
+        x = axis_w.apply_last(x.transpose(2, 0, 1)) * np.float32(1.0 / 255.0)  # [3, h, w]
+        if self.mode != "letterbox":
+            return np.ascontiguousarray(x)
+        canvas = np.zeros((3, self.crop, self.crop), dtype=np.float32)
+        canvas[:, top : top + x.shape[1], left : left + x.shape[2]] = x
+        return canvas
+
     def image_array(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image -> float32 [3, crop, crop] in [0, 1] (mean/std are applied inside the network)."""
-        arr = np.asarray(self.apply(image), dtype=np.float32) / 255.0
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        """RGB PIL image -> float32 [3, crop, crop] in [0, 1] (see :meth:`pixels_array`)."""
+        return self.pixels_array(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
     def mask_array(self, mask: Image.Image, image_size: tuple[int, int] | None = None) -> np.ndarray:
         """Mask PIL image -> bool [crop, crop] with the image's geometry (nearest neighbour, > 127).
@@ -175,90 +227,6 @@ def load_mask(path: str | Path) -> Image.Image:
         raise InputError(f"{path}: unreadable mask ({exc})") from None
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name (hidden files ignored)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError(f"folder not found: {folder}")
-    if not folder.is_dir():
-        raise InputError(f"not a folder: {folder}")
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
-    if not files:
-        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    return files
-
-
-def collect_images(items: Iterable[str | Path]) -> list[Path]:
-    """Expand files, folders and glob patterns into a sorted, de-duplicated list of image files."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(list_images(p))
-        elif p.is_file():
-            out.append(p)
-        else:
-            matches = sorted(Path().glob(str(item))) if not p.is_absolute() else sorted(Path("/").glob(str(p)[1:]))
-            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
-            if not files:
-                raise InputError(f"no images match {item}")
-            out.extend(files)
-    return sorted(dict.fromkeys(out))
-
-
-def is_mvtec_category(root: str | Path) -> bool:
-    return (Path(root) / "train" / "good").is_dir()
-
-
-def training_images(data: str | Path) -> list[Path]:
-    """Normal training images: ``DATA/train/good`` of an MVTec-style category, else ``DATA`` itself."""
-    data = Path(data)
-    if not data.exists():
-        raise InputError(f"data folder not found: {data}")
-    return list_images(data / "train" / "good" if is_mvtec_category(data) else data)
-
-
-@dataclass
-class LabelledImage:
-    """One test image of an MVTec-style category."""
-
-    path: Path
-    defect: str  # "good" or the defect type
-    mask_path: Path | None
-
-    @property
-    def label(self) -> int:
-        return int(self.defect != "good")
-
-
-def category_test_set(root: str | Path, require_masks: bool = True) -> list[LabelledImage]:
-    """The test set of an MVTec-style category: ``test/<type>/*`` with ``ground_truth/<type>/<stem>_mask.*``."""
-    root = Path(root)
-    test_dir = root / "test"
-    if not test_dir.is_dir():
-        raise InputError(f"{root} has no test/ folder: not an MVTec-style category")
-    samples: list[LabelledImage] = []
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        defect = defect_dir.name
-        for path in list_images(defect_dir):
-            mask = None
-            if defect != "good":
-                candidates = sorted((root / "ground_truth" / defect).glob(f"{path.stem}_mask.*"))
-                if candidates:
-                    mask = candidates[0]
-                elif require_masks:
-                    raise InputError(
-                        f"no ground-truth mask for {path} (expected {root / 'ground_truth' / defect / (path.stem + '_mask.png')})"
-                    )
-            samples.append(LabelledImage(path, defect, mask))
-    if not samples:
-        raise InputError(f"no test images under {test_dir}")
-    return samples
-
-
 def load_batch(paths: Sequence[Path], prep: Preprocessing) -> np.ndarray:
     """Decode and preprocess a batch of images into float32 [B, 3, crop, crop] in [0, 1]."""
     return np.stack([prep.image_array(load_image(p)) for p in paths])
@@ -271,13 +239,3 @@ def image_size(path: str | Path) -> tuple[int, int]:
             return img.size
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from None
-
-
-def mask_for(sample: "LabelledImage", prep: Preprocessing) -> np.ndarray:
-    """The sample's ground-truth mask with the image's geometry: bool [crop, crop] (all False if none)."""
-    if sample.mask_path is None:
-        return np.zeros((prep.crop, prep.crop), dtype=bool)
-    try:
-        return prep.mask_array(load_mask(sample.mask_path), image_size(sample.path))
-    except InputError as exc:
-        raise InputError(f"{sample.mask_path}: {exc}") from None

@@ -20,16 +20,9 @@ import numpy as np
 
 from ..bundle import atomic_write_json, read_manifest
 from ..errors import InputError, MissingDependencyError, ProtoADError, ToleranceError
+from ..data.datasets import TestSet
+from ..options import BACKEND_SPECS
 
-# name -> (runtime backend, precision, torch.compile); the CLI's --backend choices.
-BACKEND_SPECS: dict[str, tuple[str, str, bool]] = {
-    "torch": ("torch", "fp32", False),
-    "torch-fp16": ("torch", "fp16", False),
-    "torch-fp16-compile": ("torch", "fp16", True),
-    "onnxruntime": ("onnxruntime", "fp32", False),
-    "onnxruntime-fp16": ("onnxruntime", "fp16", False),
-    "tensorrt": ("tensorrt", "fp16", False),
-}
 # FP32 backends differ from the reference by summation order only; FP16 ones by rounding of
 # activations and weights (the prototype conv is designed to keep ~1e-3 on 1 - cos, see network.py).
 DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 5e-2)}
@@ -38,12 +31,12 @@ DEFAULT_AUROC_TOL = 0.01
 
 @dataclass
 class TestImages:
-    """Preprocessed images with labels and masks where the data has them."""
+    """Bench images: a category's test set (labels, masks, valid pixels) or a plain folder (none)."""
 
     paths: list[Path]
     source: str
-    labels: np.ndarray | None = None  # 1 = defective
-    masks: np.ndarray | None = None  # bool [N, S, S]
+    test: TestSet | None = None
+    __test__ = False  # not a pytest class
 
 
 @dataclass
@@ -71,32 +64,25 @@ class Fidelity:
 
 
 def load_test_images(manifest: dict, data: str | Path | None, limit: int | None = None) -> TestImages:
-    """``data`` (an MVTec-style category or a folder of images), else the manifest's ``test_data``."""
-    from ..data.images import Preprocessing, category_test_set, is_mvtec_category, list_images, mask_for
+    """``data`` (an MVTec-style category or a folder of images), else the manifest's ``test_data``;
+    ``limit`` images evenly spread over the sorted set (the rule ``eval`` and the hold-out use)."""
+    from ..data.datasets import evenly_spaced, is_mvtec_category, list_images, load_test_set
+    from ..data.images import Preprocessing
 
     if data is None:
         data = manifest.get("test_data")
         if data is None:
-            raise InputError("no test images: this engine directory records no test data; pass --data DIR")
+            raise InputError("no test images: this bundle records no test data; pass --data DIR")
         if not Path(data).is_dir():
             raise InputError(f"the test data recorded at build time is not on this machine ({data}); pass --data DIR")
     data = Path(data)
     if not data.exists():
         raise InputError(f"data folder not found: {data}")
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
     if (data / "test").is_dir() or is_mvtec_category(data):
-        samples = category_test_set(data, require_masks=False)
-        if limit:
-            # An even spread over the sorted set keeps both normal and defective images in a subset.
-            idx = np.unique(np.linspace(0, len(samples) - 1, min(limit, len(samples))).round().astype(int))
-            samples = [samples[i] for i in idx]
-        masks = np.stack([mask_for(s, prep) for s in samples])
-        labels = np.array([s.label for s in samples])
-        return TestImages([s.path for s in samples], str(data), labels, masks)
+        test = load_test_set(data, Preprocessing.from_manifest(manifest), limit=limit)
+        return TestImages([s.path for s in test.samples], str(data), test)
     paths = list_images(data)
-    if limit:
-        paths = paths[:limit]
-    return TestImages(paths, str(data))
+    return TestImages(evenly_spaced(paths, limit) if limit else paths, str(data))
 
 
 def run_all(runtime, images: TestImages, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +97,12 @@ def _aurocs(images: TestImages, maps: np.ndarray, scores: np.ndarray) -> tuple[f
     from .metrics import image_auroc, pixel_auroc
 
     img = pix = None
-    if images.labels is not None and 0 < images.labels.sum() < len(images.labels):
-        img = image_auroc(images.labels, scores)
-    if images.masks is not None and images.masks.any() and not images.masks.all():
-        pix = pixel_auroc(images.masks, maps)
+    test = images.test
+    if test is not None and 0 < test.labels.sum() < len(test.labels):
+        img = image_auroc(test.labels, scores)
+    if test is not None and test.masks.any():
+        # The same pixels as eval: letterbox padding is no part of the product.
+        pix = pixel_auroc(test.masks, maps, test.valid)
     return img, pix
 
 
@@ -173,8 +161,9 @@ def open_backend(engine_dir: Path, name: str, device: str):
         raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
     backend, precision, compiled = BACKEND_SPECS[name]
     if backend == "torch":
-        return load(engine_dir, "torch", precision, device="cuda" if precision == "fp16" else device, compile=compiled)
-    return load(engine_dir, backend, precision)
+        return load(engine_dir, "torch", precision=precision, device="cuda" if precision == "fp16" else device,
+                    compile=compiled)
+    return load(engine_dir, backend, precision=precision)
 
 
 def default_backends(device: str) -> list[str]:
@@ -187,14 +176,6 @@ def default_backends(device: str) -> list[str]:
         if engine.missing_requirements() is None:
             names.append("tensorrt")
     return names
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def bench(
@@ -224,7 +205,9 @@ def bench(
     log = log or (lambda _msg: None)
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir, verify=True)
-    device = resolve_device(device)
+    from ..model.features import resolve_device
+
+    device = resolve_device(device).type
     requested = list(backends or [])
     backends = list(backends or default_backends(device))
     for name in backends:
@@ -245,7 +228,7 @@ def bench(
         "model": {"backbone": manifest["backbone"]["name"], "prototypes": manifest["prototypes"]["count"],
                   "crop": manifest["preprocessing"]["crop"]},
         "data": {"source": images.source, "images": len(images.paths),
-                 "defective": None if images.labels is None else int(images.labels.sum())},
+                 "defective": None if images.test is None else int(images.test.labels.sum())},
         "reference": {"backend": "torch", "precision": "fp32", "image_auroc": ref_aurocs[0], "pixel_auroc": ref_aurocs[1]},
         "fidelity": [], "speed": [], "skipped": {}, "requested": requested,
     }

@@ -6,18 +6,14 @@ AUROC and PRO (``metrics.py``), throughput, and plots. Masks go through the engi
 geometry. Defective images whose mask is missing or empty after preprocessing count at image
 level only (their pixels would otherwise pass for normal ones).
 
-The kNN baseline is PatchCore without coreset subsampling on the very same features: every patch
-of the training images in a memory bank, anomaly = 1 - max cosine to the bank, then the network's
-own bilinear upsampling and Gaussian blur. Exact search by blocked matrix products (CUDA if asked).
+The kNN baseline (``knn.py``) is PatchCore without coreset subsampling on the very same features.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,41 +23,10 @@ import numpy as np
 from . import metrics
 from ..bundle import atomic_write_json, output_folder
 from ..errors import InputError
-from ..data.images import LabelledImage, category_test_set, image_size, mask_for, training_images
-from .thresholds import evenly_spaced, manifest_threshold
+from ..data.datasets import TestSet, load_test_set
+from ..contract import manifest_threshold
 
 BASELINES = ("knn",)
-CPU_TILE = 1024  # rows and bank rows per tile of the kNN search on a CPU (nearest_similarity)
-
-
-@dataclass
-class TestSet:
-    """Labelled test images with masks at the crop resolution."""
-
-    samples: list[LabelledImage]
-    labels: np.ndarray  # int [N]
-    masks: np.ndarray  # bool [N, S, S]
-    pixel_ok: np.ndarray  # bool [N]: usable for pixel metrics
-    valid: np.ndarray  # bool [N, S, S]: pixels of the part (False on letterbox padding)
-
-    @property
-    def defects(self) -> list[str]:
-        return sorted({s.defect for s in self.samples if s.defect != "good"})
-
-
-def load_test_set(data: str | Path, prep) -> TestSet:
-    """The category's test images, labels and masks through ``prep`` (the engine's geometry)."""
-    samples = category_test_set(data, require_masks=False)
-    masks = np.zeros((len(samples), prep.crop, prep.crop), dtype=bool)
-    valid = np.zeros_like(masks)
-    for i, s in enumerate(samples):
-        masks[i] = mask_for(s, prep)  # scaled to its image first, then the image's geometry
-        valid[i] = prep.valid_mask(*image_size(s.path))
-    labels = np.array([s.label for s in samples])
-    pixel_ok = (labels == 0) | masks.any(axis=(1, 2))
-    if labels.all() or not labels.any():
-        raise InputError(f"{data}: evaluation needs both good and defective test images")
-    return TestSet(samples, labels, masks, pixel_ok, valid)
 
 
 def _metrics_for(test: TestSet, select: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict:
@@ -100,126 +65,7 @@ def at_threshold(test: TestSet, scores: np.ndarray, threshold: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# kNN baseline
-
-
-def bank_images(manifest: dict, max_images: int | None = None) -> list[Path]:
-    """The engine's fitting images (training folder minus hold-out and skipped), evenly subsampled to ``max_images``."""
-    data = Path(manifest["train"]["data"])
-    if not data.exists():
-        raise InputError(f"the kNN baseline needs the engine's training images, not found at {data}")
-    excluded = set(manifest.get("holdout", {}).get("images", [])) | set(manifest["train"].get("skipped", []))
-    paths = [p for p in training_images(data) if p.name not in excluded]
-    if max_images is not None:
-        if max_images < 1:
-            raise InputError(f"--baseline-train-images must be >= 1, got {max_images}")
-        paths = evenly_spaced(paths, min(max_images, len(paths)))
-    return paths
-
-
-def nearest_similarity(queries, bank, query_block: int | None = None, bank_block: int | None = None):
-    """Max cosine of each unit query row [Q, C] to the unit ``bank`` rows [M, C] (torch tensors, same
-    device), exactly, in blocks of at most query_block x bank_block similarities.
-
-    On a CPU the default tiles (1024 x 1024) keep the 4 MiB of similarities in cache between the
-    product and its row maxima: 286 GFLOPS on this project's 2-core machine against 149 with
-    4096 x 16384 (RESULTS.md section 4c). A GPU gets large blocks (kernel launches limit it there).
-    """
-    import torch
-
-    cpu = queries.device.type == "cpu"
-    query_block = query_block or (CPU_TILE if cpu else 4096)
-    bank_block = bank_block or (CPU_TILE if cpu else 16384)
-    best = torch.full((len(queries),), -torch.inf, device=queries.device)
-    for q in range(0, len(queries), query_block):
-        rows = queries[q : q + query_block]
-        for b in range(0, len(bank), bank_block):
-            sim = (rows @ bank[b : b + bank_block].T).amax(dim=1)
-            best[q : q + query_block] = torch.maximum(best[q : q + query_block], sim)
-    return best
-
-
-class NearestPatchScorer:
-    """Scores each patch as 1 - its max cosine to the rows of ``self.bank`` (set by a subclass),
-    then upsamples, blurs and takes the max exactly as ProtoAD's network does."""
-
-    def __init__(self, engine_dir: str | Path, manifest: dict, device: str = "cpu") -> None:
-        import torch
-
-        from ..model.features import FeatureExtractor
-        from ..model.network import GaussianBlur
-        from ..runtime import build_torch_network, preprocessing
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.prep = preprocessing(manifest)
-        net = build_torch_network(engine_dir, manifest, "fp32")
-        self.extractor = FeatureExtractor(net.patch_features, self.prep).to(self.device).eval()
-        self.blur = GaussianBlur(self.prep.crop, self.prep.crop).to(self.device)
-        self.bank = None
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [B, 3, S, S] in [0, 1] -> (maps [B, S, S], scores [B]), like ``Runtime.predict``."""
-        torch = self.torch
-        import torch.nn.functional as F
-
-        with torch.no_grad():
-            feats = self.extractor(torch.from_numpy(images).to(self.device))
-            b, c, h, w = feats.shape
-            sim = nearest_similarity(feats.permute(0, 2, 3, 1).reshape(-1, c), self.bank)
-            patch = (1.0 - sim).view(b, 1, h, w)
-            size = (self.prep.crop, self.prep.crop)
-            maps = self.blur(F.interpolate(patch, size=size, mode="bilinear", align_corners=False))
-            scores = torch.amax(maps, dim=(1, 2, 3))
-        return maps[:, 0].cpu().numpy(), scores.cpu().numpy()
-
-
-class KnnBaseline(NearestPatchScorer):
-    """Exact nearest-neighbour memory bank over all patches of ``paths`` (no subsampling)."""
-
-    def __init__(self, engine_dir: str | Path, manifest: dict, paths: Sequence[Path], device: str = "cpu",
-                 batch_size: int = 8, progress: bool = False) -> None:
-        from ..model.features import as_float32, extract_features
-
-        super().__init__(engine_dir, manifest, device)
-        torch = self.torch
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="protoad-knn-") as tmp, torch.no_grad():
-            # Stored as FP16 like the features the prototypes were fitted on, then searched in FP32.
-            feats = extract_features(self.extractor, list(paths), self.prep, Path(tmp) / "bank.npy",
-                                     batch_size=batch_size, device=self.device, progress=progress, desc="kNN bank")
-            self.bank = torch.from_numpy(as_float32(feats.array)).to(self.device)
-            self.images = len(feats.used)
-            del feats
-        self.bank_seconds = time.perf_counter() - t0
-
-    def info(self) -> dict:
-        rows, dim = self.bank.shape
-        return {"bank_images": self.images, "bank_patches": int(rows), "dim": int(dim),
-                "bank_mib_fp32": round(rows * dim * 4 / 2**20, 1), "bank_seconds": round(self.bank_seconds, 2),
-                "search": f"exact, blocked torch matmul on {self.device.type}"}
-
-
-# --------------------------------------------------------------------------------------------
 # The whole evaluation
-
-
-def run_predictor(predictor, manifest: dict, paths: Sequence[Path], batch_size: int, progress: bool, desc: str):
-    """Predict all paths in batches; returns (maps, scores, seconds) with decoding included in the time."""
-    from tqdm.auto import tqdm
-
-    from ..runtime import preprocess_paths
-
-    maps, scores = [], []
-    t0 = time.perf_counter()
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start : start + batch_size])
-            m, s = predictor.predict(preprocess_paths(chunk, manifest))
-            maps.append(m.astype(np.float32))
-            scores.append(s.astype(np.float32))
-            bar.update(len(chunk))
-    return np.concatenate(maps), np.concatenate(scores), time.perf_counter() - t0
 
 
 def image_auroc_differences(defects: Sequence[str], scores: np.ndarray, reference: np.ndarray) -> dict:
@@ -254,20 +100,22 @@ def evaluate_engine(
     Returns the report dict (also written to ``out_dir/evaluation.json`` with the plots when
     ``out_dir`` is given). Images per second include decoding and preprocessing.
     """
-    from ..runtime import fitting_batch, load, preprocessing
+    from ..runtime import load, predict_paths
+    from .knn import KnnBaseline, bank_images
 
     log = log or (lambda _m: None)
     if out_dir is not None:
         out_dir = output_folder(out_dir)
     if baseline is not None and baseline not in BASELINES:
         raise InputError(f"unknown baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
-    runtime = load(engine_dir, backend, precision, device)
+    runtime = load(engine_dir, backend, precision=precision, device=device)
     manifest = runtime.manifest
-    test = load_test_set(data, preprocessing(manifest))
+    test = load_test_set(data, runtime.preprocessing)
     paths = [s.path for s in test.samples]
     log(f"evaluating {len(paths)} test images ({', '.join(test.defects)} + good) with {backend}")
-    # The prototype-similarity tensor bounds ProtoAD's batch; the kNN blocks its own search.
-    maps, scores, secs = run_predictor(runtime, manifest, paths, fitting_batch(manifest, batch_size), progress, "ProtoAD")
+    t0 = time.perf_counter()
+    pred = predict_paths(runtime, paths, batch_size, progress=progress, desc="ProtoAD")
+    maps, scores, secs = pred.maps, pred.scores, time.perf_counter() - t0
     protos = manifest["prototypes"]
     methods = {"protoad": {
         "metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),
@@ -283,8 +131,10 @@ def evaluate_engine(
     if baseline == "knn":
         bank = bank_images(manifest, baseline_train_images)
         log(f"kNN baseline: memory bank of all patches of {len(bank)} training images")
-        knn = KnnBaseline(engine_dir, manifest, bank, device, batch_size, progress)
-        kmaps, kscores, ksecs = run_predictor(knn, manifest, paths, batch_size, progress, "kNN")
+        knn = KnnBaseline(engine_dir, manifest, bank, device=device, batch_size=batch_size, progress=progress)
+        t0 = time.perf_counter()
+        kpred = predict_paths(knn, paths, batch_size, progress=progress, desc="kNN")
+        kmaps, kscores, ksecs = kpred.maps, kpred.scores, time.perf_counter() - t0
         grid = manifest["train"]["grid"]
         per_image = 2 * grid[0] * grid[1] * knn.bank.shape[0] * knn.bank.shape[1]
         methods["knn"] = {

@@ -29,9 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..contract import DECISION_RULE
+from ..data.datasets import evenly_spaced
 from ..errors import ArtifactError, InputError
 
-DECISION_RULE = "defective if score > threshold"
 HOLDOUT_RULE = "evenly spaced by sorted file name: image floor((i + 0.5) * n / m) for i < m, m = round(share * n)"
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999, 1.0)
 
@@ -53,15 +54,6 @@ def split_holdout(paths: Sequence[Path], share: float, min_fit: int) -> tuple[li
     m = max(0, min(m, n - min_fit))
     picks = set(evenly_spaced(range(n), m))
     return [p for i, p in enumerate(paths) if i not in picks], [p for i, p in enumerate(paths) if i in picks]
-
-
-def evenly_spaced(items: Sequence, m: int) -> list:
-    """``m`` items at positions floor((i + 0.5) * n / m), i < m: the centres of m equal slices."""
-    n = len(items)
-    m = min(m, n)
-    if m <= 0:
-        return []
-    return [items[((2 * i + 1) * n) // (2 * m)] for i in range(m)]
 
 
 def score_distribution(scores: np.ndarray) -> dict:
@@ -193,12 +185,6 @@ def f1_threshold(labels: Sequence[int], scores: Sequence[float]) -> Threshold:
 # Engine directories
 
 
-def manifest_threshold(manifest: dict) -> float | None:
-    """The calibrated threshold of an engine directory, or None."""
-    entry = manifest.get("threshold")
-    return float(entry["value"]) if isinstance(entry, dict) and "value" in entry else None
-
-
 def calibrate(
     engine_dir: str | Path,
     target_frr: float = 0.01,
@@ -224,7 +210,7 @@ def calibrate(
         threshold = frr_threshold(holdout["scores"], target_frr)
         threshold.details["source"] = f"build hold-out ({holdout['network']})"
     else:
-        from ..data.images import category_test_set
+        from ..data.datasets import category_test_set
         from ..runtime import load, predict_paths
 
         samples = category_test_set(data, require_masks=False)

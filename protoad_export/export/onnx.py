@@ -15,19 +15,19 @@ import onnx
 import torch
 
 from ..bundle import atomic_path
-from ..model.network import ProtoADNetwork
+from ..contract import OUTPUT_NAMES, InputContract
 
 OPSET = 18
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("anomaly_map", "score")
 MAX_EXPORT_BATCH = 1024
+# metadata_props keys: the bundle describes itself to a program that only has the ONNX file.
+METADATA_PREFIX = "protoad."
 
 # Ops the network may contain, all supported by the TensorRT 10/11 ONNX parser. No Col2Im, no
 # antialiased Resize, no ops with runtime-computed axes.
 TENSORRT_OPS = frozenset({
-    "Add", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Gather", "HardSigmoid", "HardSwish",
-    "Max", "MaxPool", "Mul", "Neg", "Reciprocal", "ReduceMax", "ReduceSum", "Relu", "Reshape", "Resize",
-    "Shape", "Sigmoid", "Slice", "Sqrt", "Sub", "Unsqueeze",
+    "Add", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Expand", "Gather", "HardSigmoid", "HardSwish",
+    "MatMul", "Max", "MaxPool", "Mul", "Neg", "Pad", "Reciprocal", "ReduceMax", "ReduceSum", "Relu", "Reshape",
+    "Resize", "Shape", "Sigmoid", "Slice", "Sqrt", "Sub", "Transpose", "Unsqueeze",
 })
 # Ops whose "axes" must be compile-time constants (initializers or Constant nodes) for TensorRT.
 _AXES_INPUT = {"ReduceMax": 1, "ReduceSum": 1, "Unsqueeze": 1, "Slice": 3}
@@ -50,18 +50,27 @@ def _quiet_exporter():
                 lg.setLevel(lv)
 
 
-def export_onnx(network: ProtoADNetwork, path: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Trace ``network`` with a dynamic batch axis into ``path`` (atomically) and run the full checker."""
+def export_onnx(network: torch.nn.Module, path: str | os.PathLike, contract: InputContract, *,
+                metadata: dict[str, str] | None = None, opset: int = OPSET) -> Path:
+    """Trace ``network`` (its input as ``contract`` says) with a dynamic batch axis into ``path``
+    (atomically), with ``metadata`` as ``metadata_props``, and run the full checker."""
     network = network.eval().cpu()
-    example = torch.rand(2, 3, network.size, network.size)
+    shape = contract.shape(2)
+    if contract.kind == "frames":
+        example = torch.randint(0, 256, shape, dtype=torch.uint8)
+    else:
+        example = torch.rand(*shape)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     with atomic_path(path) as tmp, _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
-            network, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            network, (example,), dynamo=True, opset_version=opset, input_names=[contract.name],
             output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},), external_data=False,
         )
         model = program.model_proto
         model.producer_name = "protoad-export"
+        for key, value in sorted((metadata or {}).items()):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = METADATA_PREFIX + key, value
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(tmp))
     return Path(path)
@@ -78,7 +87,13 @@ class GraphReport:
     problems: list[str]
 
 
-_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
+_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
+          onnx.TensorProto.UINT8: "uint8"}
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The bundle's ``metadata_props`` (without the key prefix)."""
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
 def inspect_graph(model: onnx.ModelProto) -> GraphReport:

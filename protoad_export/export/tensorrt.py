@@ -1,4 +1,4 @@
-"""TensorRT: compile ``model.fp16.onnx`` into an engine, and run engines (TensorRT 10.x and 11.x).
+"""TensorRT: compile ``model.fp16.onnx`` into an engine (TensorRT 10.x and 11.x); ``runtime.tensorrt`` runs it.
 
 The FP16 ONNX graph carries its precision as explicit casts (see ``network.py``), so it is built as
 a *strongly typed* network on both major versions: TensorRT 11 only builds strongly typed networks
@@ -24,16 +24,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from ..bundle import atomic_write_bytes, read_manifest, verify_file, write_manifest
+from ..contract import InputContract
 from ..errors import ArtifactError, InputError, MissingDependencyError
 
 SUPPORTED_MAJORS = (10, 11)
 TIMING_CACHE = "tensorrt.timing.cache"
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's own default; 5 searches longer for a few % more speed
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("anomaly_map", "score")
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +166,7 @@ def compile_engine(
     if entry is None:
         raise ArtifactError(f"{engine_dir} has no FP16 ONNX file to compile")
     onnx_path = verify_file(engine_dir, manifest, entry["file"])
-    crop = int(manifest["preprocessing"]["crop"])
+    contract = InputContract.from_manifest(manifest)
 
     trt = _import_tensorrt()
     info = gpu_info()
@@ -189,8 +187,7 @@ def compile_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     config.builder_optimization_level = optimization_level
     profile = builder.create_optimization_profile()
-    shape = lambda b: (b, 3, crop, crop)  # noqa: E731
-    profile.set_shape(INPUT_NAME, shape(lo), shape(opt), shape(hi))
+    profile.set_shape(contract.name, contract.shape(lo), contract.shape(opt), contract.shape(hi))
     config.add_optimization_profile(profile)
 
     # The timing cache lives beside the engines and is not listed in the manifest: it changes with
@@ -227,182 +224,3 @@ def compile_engine(
     write_manifest(engine_dir, manifest)
     log(f"engine: {engine_dir / filename} ({seconds:.1f} s)")
     return record
-
-
-# --------------------------------------------------------------------------------------------
-# Runtime
-
-
-class TorchCudaMemory:
-    """Device buffers, pinned host buffers and one stream, all from ``torch.cuda``.
-
-    Tests substitute a CPU stand-in with the same methods to run the control flow without a GPU.
-    """
-
-    def __init__(self) -> None:
-        import torch
-
-        self.torch = torch
-        self.stream = torch.cuda.Stream()
-
-    @property
-    def stream_handle(self) -> int:
-        return self.stream.cuda_stream
-
-    def device_empty(self, shape: tuple[int, ...], dtype):
-        return self.torch.empty(shape, dtype=dtype, device="cuda")
-
-    def host_empty(self, shape: tuple[int, ...], dtype):
-        return self.torch.empty(shape, dtype=dtype).pin_memory()
-
-    def copy(self, dst, src) -> None:
-        """Asynchronous copy on the runtime's stream (pinned host <-> device)."""
-        with self.torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
-
-class TensorRTRuntime:
-    """A compiled engine with ``execute_async_v3``, named tensors and a dynamic batch within its profile."""
-
-    backend = "tensorrt"
-    precision = "fp16"
-    on_gpu = True
-
-    def __init__(self, engine_dir: str | Path, manifest: dict, memory_factory: Callable[[], Any] | None = None) -> None:
-        import torch
-
-        self.manifest = manifest
-        self.crop = int(manifest["preprocessing"]["crop"])
-        engines = _engine_entries(manifest)
-        if not engines:
-            raise ArtifactError(f"{engine_dir} has no TensorRT engine: run `protoad-export compile {engine_dir}` on the target machine")
-        trt = _import_tensorrt()
-        if memory_factory is None and not _cuda_available():
-            raise MissingDependencyError("the tensorrt backend needs a CUDA GPU, and none is visible")
-        info = gpu_info()
-        entry = engines.get(gpu_slug(info["gpu"]))
-        if entry is None:
-            built = ", ".join(sorted(e["gpu"] for e in engines.values()))
-            raise ArtifactError(f"no engine for this GPU ({info['gpu']}) in {engine_dir}: built for {built}; compile it here")
-        # Engines are tied to the exact TensorRT version and GPU they were built with; refuse early
-        # with the reason rather than let deserialisation fail with a generic message.
-        if entry["tensorrt"] != str(trt.__version__):
-            raise ArtifactError(
-                f"{entry['file']} was built with TensorRT {entry['tensorrt']}, this machine has {trt.__version__}: recompile it here"
-            )
-        if entry["compute_capability"] != info["compute_capability"]:
-            raise ArtifactError(
-                f"{entry['file']} was built for compute capability {entry['compute_capability']}, "
-                f"this GPU has {info['compute_capability']}: recompile it here"
-            )
-        path = verify_file(engine_dir, manifest, entry["file"])
-        self.entry = entry
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.trt_runtime = trt.Runtime(self.logger)
-        self.engine = self.trt_runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialise {path.name} (see the TensorRT messages above)")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise ArtifactError(f"TensorRT could not create an execution context for {path.name} (out of GPU memory?)")
-
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if inputs != [INPUT_NAME] or sorted(set(names) - set(inputs)) != sorted(OUTPUT_NAMES):
-            raise ArtifactError(f"{path.name} has tensors {names}; expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}")
-        bp = entry["batch_profile"]
-        self.min_batch, self.max_batch = int(bp["min"]), int(bp["max"])
-        self.memory = (memory_factory or TorchCudaMemory)()
-        s, b = self.crop, self.max_batch
-        shapes = {INPUT_NAME: (b, 3, s, s), "anomaly_map": (b, 1, s, s), "score": (b,)}
-        self.device = {n: self.memory.device_empty(shp, torch.float32) for n, shp in shapes.items()}
-        self.host = {n: self.memory.host_empty(shp, torch.float32) for n, shp in shapes.items()}
-        # Buffers are allocated once at the profile's maximum, so their addresses never change.
-        for name, buf in self.device.items():
-            self.context.set_tensor_address(name, buf.data_ptr())
-        self._batch = None
-        self._graph = None
-
-    @property
-    def stream(self):
-        return self.memory.stream
-
-    def synchronize(self) -> None:
-        self.memory.synchronize()
-
-    # The three steps are public so that the bench can time them separately (trtexec's H2D, GPU
-    # compute and D2H).
-
-    def set_batch(self, batch: int) -> None:
-        """Select the input shape for ``batch`` images (within the optimisation profile)."""
-        if not self.min_batch <= batch <= self.max_batch:
-            raise InputError(f"batch {batch} is outside the engine's profile {self.min_batch}..{self.max_batch}")
-        if batch != self._batch:
-            self._graph = None
-            if not self.context.set_input_shape(INPUT_NAME, (batch, 3, self.crop, self.crop)):
-                raise ArtifactError(f"TensorRT rejected input shape [{batch}, 3, {self.crop}, {self.crop}]")
-            got = tuple(self.context.get_tensor_shape("anomaly_map"))
-            if got != (batch, 1, self.crop, self.crop):
-                raise ArtifactError(f"engine output anomaly_map has shape {list(got)} for batch {batch}")
-            self._batch = batch
-
-    def upload(self, images: np.ndarray) -> None:
-        """Host -> pinned buffer -> device (asynchronous on the runtime's stream)."""
-        import torch
-
-        b = len(images)
-        self.host[INPUT_NAME][:b].copy_(torch.from_numpy(images))
-        self.memory.copy(self.device[INPUT_NAME][:b], self.host[INPUT_NAME][:b])
-
-    def execute(self) -> None:
-        """Enqueue the engine on the runtime's stream for the current batch (or replay its CUDA graph)."""
-        if self._graph is not None:
-            self._graph.replay()
-        elif not self.context.execute_async_v3(self.memory.stream_handle):
-            raise ArtifactError("TensorRT execution failed (see the TensorRT messages above)")
-
-    def capture_cuda_graph(self) -> None:
-        """Capture ``execute`` for the current batch into a CUDA graph, as ``trtexec --useCudaGraph``.
-
-        TensorRT asks for one enqueue after any shape change before capturing, so that deferred
-        shape-dependent work is not captured ("CUDA Graphs" in the TensorRT developer guide).
-        """
-        import torch
-
-        self._graph = None
-        self.execute()
-        self.memory.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.memory.stream):
-            if not self.context.execute_async_v3(self.memory.stream_handle):
-                raise ArtifactError("TensorRT execution failed while capturing a CUDA graph")
-        self._graph = graph
-
-    def download(self) -> None:
-        """Device -> pinned host buffers (asynchronous)."""
-        b = self._batch
-        for name in OUTPUT_NAMES:
-            self.memory.copy(self.host[name][:b], self.device[name][:b])
-
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [B, 3, S, S] in [0, 1] -> (maps [B, S, S], scores [B]); any B, run in profile-sized chunks."""
-        from ..runtime import _check_input
-
-        images = _check_input(images, self.crop)
-        maps, scores = [], []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start : start + self.max_batch]
-            n = len(chunk)
-            if n < self.min_batch:  # pad up to the profile's minimum; the extra rows are dropped
-                chunk = np.concatenate([chunk, np.zeros((self.min_batch - n, *chunk.shape[1:]), np.float32)])
-            self.set_batch(len(chunk))
-            self.upload(chunk)
-            self.execute()
-            self.download()
-            self.memory.synchronize()
-            maps.append(self.host["anomaly_map"][:n, 0].numpy().copy())
-            scores.append(self.host["score"][:n].numpy().copy())
-        return np.concatenate(maps), np.concatenate(scores)

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError, MissingDependencyError
+from ..options import RANDOM_WEIGHTS
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
-RANDOM_WEIGHTS = "random"
 # Inputs in [-1, 1]: what TensorFlow's EfficientNet-Lite was trained on ((x - 127) / 128).
 TF_MEAN = TF_STD = (0.5, 0.5, 0.5)
 

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..data.images import Preprocessing, load_image
+from ..options import ALIGN_MODES
 
-ALIGN_MODES = ("bilinear", "nearest")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -30,7 +30,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but PyTorch sees no CUDA GPU")
+        raise InputError("device cuda was asked for but PyTorch sees no CUDA GPU")
     if device not in ("cpu", "cuda"):
         raise InputError(f"unknown device {device!r}: choose auto, cpu or cuda")
     return torch.device(device)
@@ -111,15 +111,6 @@ def load_batches(paths: Sequence[Path], prep: Preprocessing, batch_size: int, wo
             pending = (chunk, future)
         if pending is not None:
             yield pending[0], [f.result() for f in pending[1]]
-
-
-def as_float32(block: np.ndarray) -> np.ndarray:
-    """A float32 copy of ``block`` (rows of the FP16 store, or anything else). FP16 converts through
-    torch, which uses the CPU's F16C instructions: 6x numpy's conversion here (21 vs 139 ms for
-    100k x 176)."""
-    if block.dtype == np.float16:
-        return torch.from_numpy(np.array(block)).float().numpy()  # np.array: writable, for torch
-    return np.array(block, dtype=np.float32)
 
 
 @dataclass

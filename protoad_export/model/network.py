@@ -41,14 +41,11 @@ from torch import nn
 from .features import Normalize, PatchFeatures, l2_normalize
 from ..data.images import Preprocessing
 
+from ..options import PROTOTYPE_CHUNK
+
 PRECISIONS = ("fp32", "fp16")
 BLUR_SIGMA = 4.0
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
-# Prototypes per conv. A chunk's similarities (1024 x 56 x 56, 12.8 MB per image in FP32) stay in
-# cache between the conv and its max: ONNX Runtime on this project's 2-core CPU ran the 9,144
-# prototype engine 3.1x faster than one conv, and 40,158 prototypes 3.4x faster with a third of
-# the memory (benchmarks/RESULTS.md 4d). Max is an ElementWise layer in TensorRT's ONNX parser.
-PROTOTYPE_CHUNK = 1024
 
 
 def gaussian_taps(sigma: float = BLUR_SIGMA, truncate: float = BLUR_TRUNCATE) -> np.ndarray:
@@ -90,6 +87,21 @@ class GaussianBlur(nn.Module):
         return F.conv2d(x, self.kernel_w)
 
 
+class ScoreTail(nn.Module):
+    """Patch scores [B, 1, h, w] -> (anomaly_map [B, 1, S, S], score [B]): bilinear upsampling to the
+    input size, the Gaussian blur, the map's maximum. Shared by the network and the kNN baseline."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.blur = GaussianBlur(size, size)
+
+    def forward(self, patch_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        upsampled = F.interpolate(patch_scores, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        anomaly_map = self.blur(upsampled)
+        return anomaly_map, torch.amax(anomaly_map, dim=(1, 2, 3))
+
+
 class ProtoADNetwork(nn.Module):
     """ProtoAD end to end: images [B, 3, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], score [B])."""
 
@@ -121,7 +133,7 @@ class ProtoADNetwork(nn.Module):
             self.register_buffer(f"prototype_bias_{i}", torch.full((len(part),), -1.0, dtype=self.compute_dtype))
         self.k = k
         self.size = prep.crop
-        self.blur = GaussianBlur(prep.crop, prep.crop)
+        self.tail = ScoreTail(prep.crop)
 
     @property
     def n_prototypes(self) -> int:
@@ -137,11 +149,7 @@ class ProtoADNetwork(nn.Module):
             best = torch.amax(shifted, dim=1, keepdim=True)
             nearest = best if nearest is None else torch.maximum(nearest, best)
         nearest = nearest.float()
-        patch_scores = -nearest  # 1 - max cos
-        upsampled = F.interpolate(patch_scores, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        anomaly_map = self.blur(upsampled)
-        score = torch.amax(anomaly_map, dim=(1, 2, 3))
-        return anomaly_map, score
+        return self.tail(-nearest)  # patch scores: 1 - max cos
 
 
 def patch_grid(crop: int, stride: int = 4) -> int:

@@ -1,0 +1,51 @@
+"""Every user-facing option's choices and defaults, declared once.
+
+Torch-free: the CLI builds its choice lists and defaults from here, the library's config classes
+validate against the same names, and a line PC's runtime imports it without PyTorch.
+"""
+
+from __future__ import annotations
+
+# Build: images -> features
+BACKBONES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0")
+DEFAULT_BACKBONE = "wide_resnet50_2"
+RANDOM_WEIGHTS = "random"
+ALIGN_MODES = ("bilinear", "nearest")  # paper: bilinear; authors' code: nearest
+RESIZE_MODES = ("crop", "squash", "letterbox")
+DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_HOLDOUT = 0.1
+
+# Build: features -> prototypes
+DEFAULT_MAX_PROTOTYPES = 10_000  # the paper's rule: the first FINCH partition below this
+NEIGHBOUR_METHODS = ("auto", "exact", "approx")
+
+# Build: network -> ONNX
+INPUT_KINDS = ("frames", "tensor")
+CHANNEL_ORDERS = ("rgb", "bgr", "gray")
+# Prototypes per 1x1 conv of the graph: one chunk's similarities stay in cache between the conv and
+# its max, and no [B, K, h, w] tensor of all K prototypes is held (benchmarks/RESULTS.md).
+PROTOTYPE_CHUNK = 1024
+DEFAULT_BATCH_PROFILE = (1, 8, 32)  # TensorRT optimisation profile MIN:OPT:MAX
+
+# Runtime and evaluation
+RUNTIME_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# bench/verify backend name -> (runtime backend, precision, torch.compile)
+BACKEND_SPECS: dict[str, tuple[str, str, bool]] = {
+    "torch": ("torch", "fp32", False),
+    "torch-fp16": ("torch", "fp16", False),
+    "torch-fp16-compile": ("torch", "fp16", True),
+    "onnxruntime": ("onnxruntime", "fp32", False),
+    "onnxruntime-fp16": ("onnxruntime", "fp16", False),
+    "tensorrt": ("tensorrt", "fp16", False),
+}
+# The network's largest intermediate is one conv chunk's similarities, batch x chunk x h x w FP32;
+# batches are cut to keep it under this.
+SIMILARITY_BUDGET_BYTES = 2 << 30
+
+
+def similarity_batch(prototypes: int, grid, batch_size: int, chunk: int | None = None) -> int:
+    """``batch_size``, cut so one batch's similarity tensor (``chunk`` prototypes per conv,
+    ``PROTOTYPE_CHUNK`` by default) on a ``grid`` (h, w) fits ``SIMILARITY_BUDGET_BYTES``."""
+    per_image = min(int(prototypes), chunk or PROTOTYPE_CHUNK) * int(grid[0]) * int(grid[1]) * 4
+    return max(1, min(batch_size, SIMILARITY_BUDGET_BYTES // per_image))
