@@ -122,8 +122,8 @@ def nearest_similarity(queries, bank, query_block: int | None = None, bank_block
     device), exactly, in blocks of at most query_block x bank_block similarities.
 
     On a CPU the default tiles (1024 x 1024) keep the 4 MiB of similarities in cache between the
-    product and its row maxima: 286 GFLOPS on this project's 2-core machine against 149 with
-    4096 x 16384 (RESULTS.md section 4c). A GPU gets large blocks (kernel launches limit it there).
+    product and its row maxima, about twice the speed of 4096 x 16384 blocks (RESULTS.md
+    section 10). A GPU gets large blocks (kernel launches limit it there).
     """
     import torch
 
