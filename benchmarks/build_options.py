@@ -13,7 +13,7 @@ Stages (each caches its results under ``--cache`` and writes ``<cache>/<stage>.j
   report            render the tables of benchmarks/results/build_options.md from the JSON files
 
 CONFIG is ``<mode>-<align>``, e.g. ``crop-bilinear``. ``benchmarks/build_options_run.sh`` runs
-every stage as used for ``benchmarks/results/build_options.md`` (about 30 min on 2 cores), e.g.:
+every stage as used for ``benchmarks/results/build_options.md`` (one lock acquisition; a rerun resumes), e.g.:
 
   flock /tmp/protoad-bench.lock python benchmarks/build_options.py fit crop-bilinear
   flock /tmp/protoad-bench.lock python benchmarks/build_options.py score crop-bilinear --fp16

@@ -6,11 +6,11 @@ engines are built on exactly those images with no hold-out, once per prototype b
 (``--max-prototypes``: FINCH stops at the first partition below it), and the kNN baseline's bank
 is every patch of the same M images: both see the same training patches and differ only in
 prototypes vs. the exact bank. All use ``--resize-mode`` (letterbox by default: the best mode on
-these non-square parts, RESULTS.md section 3), re-normalised prototypes, ONNX Runtime FP32, and
+these non-square parts, RESULTS.md section 4), re-normalised prototypes, ONNX Runtime FP32, and
 all 582 test images; pixel metrics leave the letterbox padding out.
 
-Exact kNN costs 2 * 3136 * M * 3136 * 176 FLOPs per test image: about 8 minutes for M = 64 on
-2 cores and 95 minutes for the full bank (M = 762, 2.4M patches; RESULTS.md section 4). Budgets
+Exact kNN costs 2 * 3136 * M * 3136 * 176 FLOPs per test image, so the full bank (M = 762, 2.4M
+patches) is a long CPU run, about 48x the 16-image bank's (RESULTS.md sections 6 and 7). Budgets
 above ``--tiled-above`` are scored by ``TiledPrototypes`` (the network's formula in the kNN's
 cache-sized tiles) instead of ONNX Runtime, whose [B, K, 56, 56] similarity tensor crawls on a CPU
 at 100k+ prototypes; ``--check-tiled BUDGET`` scores an ONNX-evaluated engine both ways. A rerun

@@ -48,7 +48,7 @@ DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().paren
 MAX_PROTOTYPES = 10_000
 RECALL_QUERIES = 20_000
 # Cached features are named after the model that made them, so a change of host is never read
-# from a stale cache (the 2026-11-27 run used the first sessions' host; RESULTS.md section 5).
+# from a stale cache (features of the plain efficientnet_lite0 host differ; RESULTS.md section 11).
 _HOST = get_spec("efficientnet_lite0").architecture
 TRAIN_FILE, TEST_FILE = f"train_{_HOST}.npy", f"test_{_HOST}.npy"
 
@@ -154,7 +154,7 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path, warm_calls: 
         c, num_clust, _ = fc.FINCH(x.astype(np.float32), verbose=False)  # defaults, as a user calls it
         seconds = time.perf_counter() - t0
         # Again in the same process: numba's compilation is paid once per process (its on-disk
-        # cache does not cover finch-clust's pynndescent calls: ~50 s of a cold call at 100k).
+        # cache does not cover finch-clust's pynndescent calls, most of a cold call at 100k).
         fc.finch.clust_rank = original
         warm = []
         for _ in range(warm_calls):

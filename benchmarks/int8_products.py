@@ -1,4 +1,4 @@
-"""Matrix products on this CPU in FP32, FP16, BF16 and int8 at the shapes of the FINCH IVF scan.
+"""Matrix products on the running CPU in FP32, FP16, BF16 and int8 at the shapes of the FINCH IVF scan.
 
 Run::
 

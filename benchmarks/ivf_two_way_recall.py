@@ -1,4 +1,4 @@
-"""Recall of a one-way and a two-way IVF at each nprobe, from list ranks alone (finch.md section 6).
+"""Recall of a one-way and a two-way IVF at each nprobe, from list ranks alone (finch.md, "Tried and not kept").
 
 One-way (plain IVF, what ``protoad_export.clustering.finch`` runs): a point finds its exact first neighbour
 when the neighbour's list is among the point's ``nprobe`` best-ranked lists. Two-way: also when the

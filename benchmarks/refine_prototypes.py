@@ -5,10 +5,10 @@ kNN baseline's cache-sized tiles) and replaces each prototype by the re-normalis
 patches (empty ones stay). That minimises the training patches' mean ProtoAD score
 (1 - max cosine), which is printed before and after. The refined prototypes are scored on the
 test set like ``TiledPrototypes`` (the network's formula) and compared with the engine's own
-evaluation report when one is given. An experiment, not a build option: RESULTS.md section 4a.
+evaluation report when one is given. An experiment, not a build option: results/knn_comparison.md, "Tried and not kept".
 
-    flock /tmp/protoad-bench.lock python benchmarks/refine_prototypes.py /tmp/s4/full/engines/letterbox762_p50000 \
-        --steps 1 --features /tmp/s5/feats_letterbox762.npy --out /tmp/s5/refine_40k_1.json
+    flock /tmp/protoad-bench.lock python benchmarks/refine_prototypes.py DIR/engines/letterbox762_p50000 \
+        --steps 1 --features FEATS.npy --out refine_40k.json
 """
 
 from __future__ import annotations

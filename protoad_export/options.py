@@ -23,8 +23,9 @@ NEIGHBOUR_METHODS = ("auto", "exact", "approx")
 # Build: network -> ONNX
 INPUT_KINDS = ("frames", "tensor")
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
-# Prototypes per 1x1 conv of the graph: one chunk's similarities stay in cache between the conv and
-# its max, and no [B, K, h, w] tensor of all K prototypes is held (benchmarks/RESULTS.md).
+# Prototypes per 1x1 conv of the graph: a chunk's similarities (1024 x 56 x 56, 12.8 MB per image in
+# FP32) stay in cache between the conv and its max, and no [B, K, h, w] tensor of all K prototypes is
+# held (benchmarks/RESULTS.md section 9). Max is an ElementWise layer in TensorRT's ONNX parser.
 PROTOTYPE_CHUNK = 1024
 DEFAULT_BATCH_PROFILE = (1, 8, 32)  # TensorRT optimisation profile MIN:OPT:MAX
 

@@ -37,7 +37,7 @@ def _correct_mass(architecture: str, mean, std) -> dict[str, tuple[float, bool]]
 def test_offline_weights_classify_photos_in_their_own_host():
     """The weights are TF EfficientNet-Lite0 (TF 'SAME' padding, BN eps 1e-3, inputs in [-1, 1]):
     so hosted they name both photos right; in timm's plain efficientnet_lite0 with ImageNet
-    mean/std (the first sessions' host) the flower becomes a lampshade and both lose confidence."""
+    mean/std (the host before 2026-11-27) the flower becomes a lampshade and both lose confidence."""
     spec = get_spec("efficientnet_lite0")
     assert spec.architecture == "tf_efficientnet_lite0" and spec.mean == spec.std == (0.5, 0.5, 0.5)
     own = _correct_mass(spec.architecture, spec.mean, spec.std)

@@ -77,7 +77,7 @@ def test_sample_rows_is_deterministic_uniform_and_sorted():
 
 
 def test_near_miss_names_the_partition_passed_over_just_above_the_limit():
-    # The full magnetic tile set's eighth-session build: 10,084 passed over for 1,904.
+    # The full magnetic tile set's letterbox build (2026-11-28): 10,084 passed over for 1,904.
     assert near_miss([663_663, 174_301, 43_454, 10_084, 1_904], 10_000) == 10_084
     assert near_miss([655_192, 170_702, 42_297, 9_636], 10_000) is None  # landed under the limit
     assert near_miss([40_000, 9_000], 10_000) is None  # far above: no near miss

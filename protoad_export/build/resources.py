@@ -16,7 +16,7 @@ from ..errors import ResourceError
 from ..clustering.finch import EXACT_CPU_LIMIT
 
 # The plan is SLACK x the bytes held per value + RESERVE (the IVF's pair tables, chunks, the ONNX
-# export after FINCH). Measured growth of whole builds after this check (RESULTS.md section 2):
+# export after FINCH). Measured growth of whole builds after this check (RESULTS.md section 3):
 # 1.52 GiB for a 0.78 GiB copy (efficientnet_lite0, 762 images), 2.55 for 2.09 (wide_resnet50_2,
 # 200 images), ~9.0 for 7.98 (wide_resnet50_2, 762 images); this plan gives 1.86, 3.30 and 9.78.
 MEMORY_SLACK = 1.1

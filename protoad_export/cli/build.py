@@ -38,7 +38,7 @@ from . import BatchProfile, handle_errors, main
                    "(deterministic), trading accuracy for time. Default: all.")
 @click.option("--prototype-chunk", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Prototypes per 1x1 conv of the graph; the chunks' maxima are combined by Max "
-                   "(same scores; 1024 was fastest on a CPU, see benchmarks/RESULTS.md 4d).")
+                   "(same scores; 1024 was fastest on a CPU, see benchmarks/RESULTS.md 9).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def build(data, name, out, backbone, weights, max_prototypes, align, normalize_prototypes, resize_mode,

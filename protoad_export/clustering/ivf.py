@@ -28,26 +28,25 @@ RECALL_OPS = 8e12  # fewer probes (not below the minimum) where their search cos
 # nprobe must reach the target at this one-sided confidence (z = 1.645: 95 %), i.e. an estimate of
 # 0.9926 for 0.99 on 4,000 probes, so the recall of the whole run is at least the target.
 RECALL_Z = 1.645
-# nlist = 1.4 sqrt(N): fewer, longer lists mean larger products and fewer gathers per query;
-# at 100k points 9.4 s against 15.7 s with 2 sqrt(N) and 31 s with 8 sqrt(N), same recall
-# (equal at 300k; below ~0.7 sqrt(N) the target needs over a quarter of the lists). finch.md.
+# nlist = 1.4 sqrt(N): fewer, longer lists mean larger products and fewer gathers per query, more
+# lists fewer scanned points; 1.4 was the fastest at equal recall at 100k and 300k points, and
+# below ~0.7 sqrt(N) the target needs over a quarter of the lists (finch.md, "Tried and not kept").
 IVF_LISTS_PER_ROOT = 1.4
 IVF_TRAIN_PER_LIST = 20
 IVF_KMEANS_ITERATIONS = 8
 # Lists ranked per point (and so the deepest nprobe calibrated). If the target needs more, the
 # IVF scans every list (exhaustive search: still int8, re-scored) up to EXHAUSTIVE_LIMIT points;
-# beyond, that takes many minutes on 2 cores, so it keeps the nprobe that IVF_SCAN_OPS (int8
-# multiply-adds x 2) allows and reports its recall instead. On the full magnetic tile set (2.4M
-# points) that is 21 of 2,164 lists with 176 dims (level 0: 90-104 s) and 2 with 1792 dims
-# (341-397 s, much of it the FP32 re-scoring, which at so few lists covers most of them);
-# RESULTS.md section 2.
+# beyond, an exhaustive scan would cost a CPU build tens of minutes, so it keeps the nprobe that
+# IVF_SCAN_OPS (int8 multiply-adds x 2) allows and reports its recall instead. On the full
+# magnetic tile set (2.4M points) that is 21 of 2,164 lists with 176 dims and 2 with 1792 dims
+# (where the FP32 re-scoring covers most of the probed lists); RESULTS.md section 2.
 MAX_PROBE_SHARE = 1 / 4
 EXHAUSTIVE_LIMIT = 100_000
 IVF_SCAN_OPS = 2e13
 # The calibration counts the reverse repair for the probes whose direct hit comes after the depth
 # where the direct recall is this far below what is needed (about 5 % of them at 100k).
 REPAIR_CHECK_SHARE = 0.04
-# The IVF's products run in int8 (VNNI: 3.5-4x the FP32 rate on this CPU, finch.md). For each
+# The IVF's products run in int8 (VNNI: several times the FP32 rate on x86, finch.md). For each
 # query, every list whose int8 maximum is within this many standard deviations (of the
 # difference of two rounding errors) of its best is re-scored in FP32 from a 16-bit copy (256x
 # finer than int8, finer than FP16), so the winner is the FP32 winner unless a rounding error
@@ -95,7 +94,7 @@ def _joined(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
 
 def _by_range(ranges: np.ndarray, n_ranges: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (flat indices of ``ranges``) grouped by range, and where each range's group starts."""
-    by = torch.argsort(torch.from_numpy(ranges), stable=True).numpy()  # 2-4x numpy's on 2 cores
+    by = torch.argsort(torch.from_numpy(ranges), stable=True).numpy()  # faster than numpy's stable sort
     return by, np.concatenate([[0], np.cumsum(np.bincount(ranges, minlength=n_ranges))])
 
 
@@ -294,7 +293,7 @@ def _hit_ranks(ranked_lists: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 def _take_reverse_links(idx: np.ndarray, best: np.ndarray) -> None:
     """Every found pair (y, idx[y]) is also a candidate for idx[y], at the known similarity
     best[y]: where it beats that point's own find, take it (in place). Free, and it recovers the
-    mutual first neighbours that only one side's probed lists reached (finch.md section 7)."""
+    mutual first neighbours that only one side's probed lists reached (finch.md)."""
     val = torch.from_numpy(best)
     reverse = torch.full_like(val, -torch.inf).scatter_reduce_(0, torch.from_numpy(idx), val, "amax").numpy()
     improved = reverse > best
@@ -309,9 +308,8 @@ def spherical_kmeans(unit: np.ndarray, k: int, iterations: int, rng: np.random.G
     """Spherical k-means (Lloyd's iterations on the unit sphere, assignment by cosine) of unit rows:
     ``k`` unit centroids [k, C], started from ``k`` distinct rows drawn with ``rng``; a centroid
     left without rows keeps its place. The same objective as faiss's ``Kmeans(spherical=True)``
-    (mean best cosine 0.99715 vs 0.99716 on held-out features) at 4x its speed with 1792 dims
-    here (10.6 s vs 43 s for 43k rows, 2,164 centroids, 8 iterations): one FP32 product per
-    iteration at full BLAS speed."""
+    (mean best cosine 0.99715 vs 0.99716 on held-out features), faster because each iteration
+    is one FP32 product at full BLAS speed (finch.md)."""
     points = torch.from_numpy(unit)
     if k > len(points):
         raise ValueError(f"{k} centroids need at least as many rows, got {len(points)}")

@@ -23,15 +23,14 @@ RECHECK_CANDIDATES = 8
 CHUNK_BYTES = 1 << 26  # float32 bytes per chunk of rows read from the data
 BLOCK_ELEMENTS = 1 << 24  # similarities per block of exact products (64 MiB in FP32)
 # Per block of the IVF scan and of exact CPU search: 4 MiB stays in cache between the product and
-# its row maxima (at 100k points the IVF scan took 4.6 s at this size, 6.1 s at 64 MiB).
+# its row maxima; larger blocks write the similarities to memory and read them back (finch.md).
 SCAN_BLOCK_ELEMENTS = 1 << 20
 _CPU_TILE_ROWS = 2048  # rows per tile of exact CPU search (x 512 columns at that block size)
 
 
 def as_float32(block: np.ndarray) -> np.ndarray:
     """A float32 copy of ``block`` (rows of the FP16 store, or anything else). FP16 converts through
-    torch, which uses the CPU's F16C instructions: 6x numpy's conversion here (21 vs 139 ms for
-    100k x 176)."""
+    torch, which uses the CPU's F16C instructions (several times faster than numpy's conversion)."""
     if block.dtype == np.float16:
         return torch.from_numpy(np.array(block)).float().numpy()  # np.array: writable, for torch
     return np.array(block, dtype=np.float32)
@@ -57,7 +56,7 @@ def unit_rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 def normalised(block: np.ndarray) -> np.ndarray:
-    """``block`` (float32 rows) scaled in place to unit length (torch's norm: 3x numpy's here)."""
+    """``block`` (float32 rows) scaled in place to unit length (torch's norm, faster than numpy's)."""
     rows = torch.from_numpy(block)
     rows.div_(rows.norm(dim=1, keepdim=True).clamp_min_(1e-12))
     return block
@@ -149,7 +148,7 @@ def exact_first_neighbours(
     idx = np.empty(n, dtype=np.int64)
     sim = np.empty(n, dtype=np.float32)
     if device.type == "cpu" and low_precision is None:
-        # Tiles that stay in cache: 0.54 s instead of 1.1 s for 20k x 20k x 176 here.
+        # Tiles that stay in cache between the product and its row maxima.
         for start in range(0, n, _CPU_TILE_ROWS):
             stop = min(n, start + _CPU_TILE_ROWS)
             best = torch.full((stop - start,), -torch.inf)

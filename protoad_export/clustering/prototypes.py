@@ -12,7 +12,7 @@ from ..options import DEFAULT_MAX_PROTOTYPES
 from .finch import FinchResult, finch
 
 # A partition this close above the limit is a near miss worth a warning: FINCH's next level is
-# typically 4-5x smaller, and fewer prototypes score worse on varied parts (RESULTS.md 4a).
+# typically 4-5x smaller, and fewer prototypes score worse on varied parts (RESULTS.md 6).
 NEAR_MISS_RATIO = 1.25
 
 

@@ -9,14 +9,14 @@ TensorRT 11 networks are strongly typed; measured in ``benchmarks/RESULTS.md``):
 - mean/std in FP32, then FP16 for the backbone and the alignment: the bulk of the FLOPs besides
   the prototype conv, with activations far from FP16's range limits.
 - L2 norm in FP32: FP16 overflows at 65504. With efficientnet_lite0 the per-patch sum of squares
-  over 176 channels reached 3.5e4 on the magnetic tiles (1.9x headroom only); wide_resnet50_2's
+  over 176 channels reached 2.5e4 on the magnetic tiles (2.7x headroom only); wide_resnet50_2's
   1792 channels (random weights, a proxy) reached 6.5e5 and overflowed on 30 % of the patches. So
   the features are cast up, normalised and cast back down.
 - 1x1 conv in FP16 with a bias of -1: the conv yields cos - 1 instead of cos. Near 1, FP16 steps
   are 4.9e-4 (2^-11), which would quantise every anomaly score of a normal patch; values near 0
   keep FP16's relative precision. The bias is added in the accumulator of fused conv kernels
   (TensorRT, cuDNN), before rounding to FP16. Simulated on real features this cut the mean map
-  error of the rounding 3.3x and kept 4x more distinct patch scores (benchmarks/RESULTS.md).
+  error of the rounding 3x and kept 2.4x more distinct patch scores (benchmarks/RESULTS.md 5).
 - channel max in FP16 (exact: it only selects), then FP32 for 1 - x, upsampling, blur and score:
   one channel, cheap, and the blur sums 33 taps.
 
