@@ -31,6 +31,7 @@ from ..clustering.finch import searches_on_cpu
 from ..data.images import Preprocessing, image_size
 from ..data.datasets import is_mvtec_category, training_images
 from ..model.network import ProtoADNetwork, patch_grid
+from ..contract import InputContract
 from ..export.onnx import inspect_graph, export_onnx
 from ..clustering.prototypes import fit_prototypes, near_miss, sample_rows
 from ..options import ALIGN_MODES, DEFAULT_MAX_PROTOTYPES, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK, similarity_batch
@@ -217,13 +218,14 @@ def build(
 
         t0 = time.perf_counter()
         log("[3/4] ONNX: tracing the complete network, FP32 and FP16")
+        contract = InputContract("tensor", prep.crop)
         graphs = {}
         network = None
         for precision, filename in ONNX_FILES.items():
             # ProtoADNetwork casts its feature module in place: the FP16 graph gets its own copy.
             features = copy.deepcopy(patch_features) if precision == "fp16" else patch_features
             net = ProtoADNetwork(features, fit.prototypes, prep, precision, chunk=config.prototype_chunk).eval()
-            export_onnx(net, staging / filename)
+            export_onnx(net, staging / filename, contract)
             report = inspect_graph(onnx.load(str(staging / filename)))
             graphs[precision] = {"file": filename, "opset": report.opset, "ops": report.ops,
                                  "casts": report.cast_targets, "conv_input_dtypes": report.conv_dtypes}
@@ -248,8 +250,7 @@ def build(
             },
             "preprocessing": prep.to_dict(),
             "align": config.align,
-            "input": {"name": "image", "shape": ["batch", 3, prep.crop, prep.crop], "dtype": "float32",
-                      "range": [0.0, 1.0], "channels": "RGB"},
+            "input": contract.to_manifest(),
             "outputs": {"anomaly_map": ["batch", 1, prep.crop, prep.crop], "score": ["batch"]},
             "prototypes": {"file": PROTOTYPES_FILE, "count": int(len(fit.prototypes)),
                            "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
