@@ -173,7 +173,7 @@ def test_runtime_dynamic_batch_through_the_tensor_name_api(compiled):
     trt.compute = fake_model(memory)
     rt = trt_runtime.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
     assert {args[0] for args in called(trt, "set_tensor_address")} == {"image", "anomaly_map", "score"}
-    crop = rt.crop
+    crop = rt.contract.size
     images = np.random.default_rng(0).random((7, 3, crop, crop), dtype=np.float32)
     maps, scores = rt.predict(images)
 
@@ -250,8 +250,8 @@ def test_real_tensorrt_engine_matches_onnxruntime(engine_copy):
 
     engine.compile_engine(engine_copy, batch_profile=(1, 4, 8), log=None)
     trt_rt = load(engine_copy, "tensorrt")
-    ort_rt = load(engine_copy, "onnxruntime", "fp32")
-    crop = trt_rt.crop
+    ort_rt = load(engine_copy, "onnxruntime", precision="fp32")
+    crop = trt_rt.contract.size
     images = np.random.default_rng(0).random((9, 3, crop, crop), dtype=np.float32)
     maps, scores = trt_rt.predict(images)
     ref_maps, ref_scores = ort_rt.predict(images)
@@ -281,7 +281,7 @@ def test_trtexec_style_timing_runs_the_three_steps(compiled, monkeypatch):
     memory = CpuMemory()
     trt.compute = fake_model(memory)
     rt = trt_runtime.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
-    images = np.zeros((2, 3, rt.crop, rt.crop), np.float32)
+    images = np.zeros((2, 3, rt.contract.size, rt.contract.size), np.float32)
     res = time_gpu(rt, images, "tensorrt", warmup=1, iterations=3, cuda_graph=True)
     assert res.batch == 2 and res.iterations >= 3 and res.compute is not None and res.h2d is not None
     assert res.compute_throughput > 0 and not res.cuda_graph and "CUDA graph capture failed" in res.notes[0]

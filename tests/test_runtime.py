@@ -30,7 +30,7 @@ def torch_fp32(small_engine):
 def test_onnxruntime_agrees_with_torch_fp32(small_engine, real_batch, torch_fp32, precision):
     _paths, images = real_batch
     ref_maps, ref_scores = torch_fp32.predict(images)
-    rt = load(small_engine, "onnxruntime", precision)
+    rt = load(small_engine, "onnxruntime", precision=precision)
     assert rt.backend == "onnxruntime" and rt.precision == precision and "CPUExecutionProvider" in rt.providers
     maps, scores = rt.predict(images)
     assert maps.shape == ref_maps.shape == (len(images), *images.shape[2:]) and maps.dtype == np.float32
@@ -55,14 +55,14 @@ def test_bad_requests_are_input_errors(small_engine, torch_fp32):
     with pytest.raises(InputError, match="unknown backend"):
         load(small_engine, "tflite")
     with pytest.raises(InputError, match="CUDA only"):
-        load(small_engine, "torch", "fp16", device="cpu")
+        load(small_engine, "torch", precision="fp16", device="cpu")
     with pytest.raises(InputError, match="CUDA only"):
-        load(small_engine, "torch", "fp32", device="cpu", compile=True)
+        load(small_engine, "torch", precision="fp32", device="cpu", compile=True)
     with pytest.raises(InputError, match="FP16"):
-        load(small_engine, "tensorrt", "fp32")
+        load(small_engine, "tensorrt", precision="fp32")
     with pytest.raises(MissingDependencyError, match="NoSuchExecutionProvider"):
         load(small_engine, "onnxruntime", providers=["NoSuchExecutionProvider"])
-    with pytest.raises(InputError, match=r"shape \[B, 3,"):
+    with pytest.raises(InputError, match=r"expected float32 \[B, 3, 224, 224\].*got shape"):
         torch_fp32.predict(np.zeros((2, 3, 32, 32), np.float32))
 
 

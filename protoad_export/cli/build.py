@@ -6,44 +6,63 @@ from pathlib import Path
 
 import click
 
+from .. import options as O
 from . import BatchProfile, handle_errors, main
+
+
+def _frame_size(ctx, param, value):
+    """``WxH`` -> (W, H)."""
+    if value is None:
+        return None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT in pixels, e.g. 1280x1024, got {value!r}") from None
+    if width < 1 or height < 1:
+        raise click.BadParameter(f"expected positive WIDTHxHEIGHT, got {value!r}")
+    return width, height
+
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--name", required=True, help="Engine directory name (created under --out).")
+@click.option("--name", required=True, help="Bundle name (a folder created under --out).")
 @click.option("--out", default="engines", show_default=True, type=click.Path(path_type=Path))
-@click.option("--backbone", default="wide_resnet50_2", show_default=True,
-              type=click.Choice(["wide_resnet50_2", "resnet18", "efficientnet_lite0"]))
-@click.option("--weights", default=None, help="Weights file (state dict), or 'random' for timing runs.")
-@click.option("--max-prototypes", default=10_000, show_default=True, type=click.IntRange(min=2),
+@click.option("--backbone", default=O.DEFAULT_BACKBONE, show_default=True, type=click.Choice(O.BACKBONES))
+@click.option("--weights", default=None, help=f"Weights file (state dict), or '{O.RANDOM_WEIGHTS}' for timing runs.")
+@click.option("--max-prototypes", default=O.DEFAULT_MAX_PROTOTYPES, show_default=True, type=click.IntRange(min=2),
               help="FINCH stops at the first partition with fewer clusters.")
-@click.option("--align", default="bilinear", show_default=True, type=click.Choice(["bilinear", "nearest"]),
+@click.option("--align", default=O.ALIGN_MODES[0], show_default=True, type=click.Choice(O.ALIGN_MODES),
               help="How stages 2-3 are resized to the stage-1 grid (paper: bilinear; authors' code: nearest).")
 @click.option("--normalize-prototypes/--raw-prototypes", default=True, show_default=True,
               help="Re-normalise cluster means (true cosine) or keep raw means (authors' code).")
-@click.option("--resize-mode", default="crop", show_default=True, type=click.Choice(["crop", "squash", "letterbox"]))
-@click.option("--resize", default=256, show_default=True, type=click.IntRange(min=32))
-@click.option("--crop", default=224, show_default=True, type=click.IntRange(min=32))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch", "batch_profile", default="1:8:32", show_default=True, type=BatchProfile(),
-              help="TensorRT optimisation profile for the batch axis.")
+@click.option("--resize-mode", default=O.RESIZE_MODES[0], show_default=True, type=click.Choice(O.RESIZE_MODES))
+@click.option("--resize", default=O.DEFAULT_RESIZE, show_default=True, type=click.IntRange(min=32))
+@click.option("--crop", default=O.DEFAULT_CROP, show_default=True, type=click.IntRange(min=32))
+@click.option("--input", "input_kind", default=O.INPUT_KINDS[0], show_default=True, type=click.Choice(O.INPUT_KINDS),
+              help="Graph input: uint8 camera frames (preprocessing inside the graph) or a preprocessed float tensor.")
+@click.option("--input-size", default=None, metavar="WxH", callback=_frame_size,
+              help="Camera frame size for --input frames [default: the training images' size when they share one].")
+@click.option("--channel-order", default=O.CHANNEL_ORDERS[0], show_default=True, type=click.Choice(O.CHANNEL_ORDERS),
+              help="Frame channels: rgb, bgr (OpenCV, GStreamer) or gray (one channel).")
+@click.option("--device", default=O.DEVICES[0], show_default=True, type=click.Choice(O.DEVICES))
+@click.option("--batch", "batch_profile", default=":".join(map(str, O.DEFAULT_BATCH_PROFILE)), show_default=True,
+              type=BatchProfile(), help="TensorRT optimisation profile for the batch axis.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass during feature extraction.")
-@click.option("--neighbours", default="auto", show_default=True, type=click.Choice(["auto", "exact", "approx"]),
+@click.option("--neighbours", default=O.NEIGHBOUR_METHODS[0], show_default=True, type=click.Choice(O.NEIGHBOUR_METHODS),
               help="FINCH first-neighbour search.")
-@click.option("--holdout", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+@click.option("--holdout", default=O.DEFAULT_HOLDOUT, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Share of the normal images kept out of fitting; their scores calibrate the threshold.")
 @click.option("--max-train-patches", default=None, type=click.IntRange(min=2),
               help="Cluster at most this many patch features: a uniform sample drawn with seed 0 "
                    "(deterministic), trading accuracy for time. Default: all.")
-@click.option("--prototype-chunk", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="Prototypes per 1x1 conv of the graph; the chunks' maxima are combined by Max "
-                   "(same scores; 1024 was fastest on a CPU, see benchmarks/RESULTS.md 9).")
+@click.option("--prototype-chunk", default=O.PROTOTYPE_CHUNK, show_default=True, type=click.IntRange(min=1),
+              help="Prototypes per 1x1 conv of the graph; the chunks' maxima are combined by Max (same scores).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def build(data, name, out, backbone, weights, max_prototypes, align, normalize_prototypes, resize_mode,
-          resize, crop, device, batch_profile, batch_size, neighbours, holdout, max_train_patches, prototype_chunk,
-          quiet) -> None:
+          resize, crop, input_kind, input_size, channel_order, device, batch_profile, batch_size, neighbours, holdout,
+          max_train_patches, prototype_chunk, quiet) -> None:
     """Fit prototypes on the normal images in DATA and export the complete network.
 
     DATA is a folder of defect-free images or an MVTec-style category (its train/good is used).
@@ -57,12 +76,14 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
         preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode),
         device=device, batch_profile=batch_profile, batch_size=batch_size, neighbours=neighbours,
         holdout=holdout, max_train_patches=max_train_patches, prototype_chunk=prototype_chunk,
+        input=input_kind, input_size=input_size, channel_order=channel_order,
     )
     result = run_build(data, name, out, config, log=click.echo, progress=not quiet)
     m = result.manifest
     secs = m["build"]["seconds"]
     click.echo("")
-    click.echo(f"engine directory: {result.engine_dir}")
+    click.echo(f"bundle: {result.bundle_dir}")
+    click.echo(f"  input: {result.contract.describe()}")
     click.echo(f"  prototypes: {m['prototypes']['count']:,} (FINCH partitions {m['finch']['partition_sizes']})")
     for fname, entry in m["files"].items():
         click.echo(f"  {fname:<18} {entry['bytes'] / 2**20:8.1f} MiB  sha256 {entry['sha256'][:12]}")

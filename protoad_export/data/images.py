@@ -102,6 +102,16 @@ class Preprocessing:
         canvas.paste(resized, offset)
         return canvas
 
+    def geometry_entry(self, width: int, height: int) -> dict:
+        """How a ``width`` x ``height`` frame becomes the model input and how the map goes back: for the
+        manifest and the ONNX metadata, so that a program without this package can place the map."""
+        (w, h), box, (ox, oy) = self.geometry(width, height)
+        return {"frame": [width, height], "resized": [w, h], "crop_box": list(box), "paste": [ox, oy],
+                "model_input": [self.crop, self.crop],
+                "inspected_box": [round(v, 3) for v in self.inspected_box(width, height)],
+                "map_to_frame": "pixel centres: frame_x + 0.5 = (x + 0.5 - paste_x + crop_left) * frame_w / resized_w, "
+                                "likewise for y"}
+
     def inspected_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """(left, top, right, bottom) of the part of a ``width`` x ``height`` image the model sees, in
         the image's pixels (the centre crop's region; the whole image for squash and letterbox)."""
