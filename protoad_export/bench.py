@@ -20,6 +20,7 @@ import numpy as np
 
 from .artifacts import atomic_write_json, read_manifest
 from .errors import InputError, MissingDependencyError, ProtoADError, ToleranceError
+from .resources import check_batch_memory
 
 # name -> (runtime backend, precision, torch.compile); the CLI's --backend choices.
 BACKEND_SPECS: dict[str, tuple[str, str, bool]] = {
@@ -230,8 +231,12 @@ def bench(
     for name in backends:
         if name not in BACKEND_SPECS:
             raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
-    if any(b < 1 for b in batch_sizes):
-        raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if fps:
+        # Each timed batch is decoded and held whole: a batch that cannot fit stops here, not at a
+        # MemoryError after the fidelity run.
+        check_batch_memory(batch_sizes, manifest)
     images = load_test_images(manifest, data, limit)
     log(f"fidelity: {len(images.paths)} images from {images.source}, reference PyTorch FP32 on {device}")
 

@@ -264,6 +264,12 @@ def evaluate_engine(
     runtime = load(engine_dir, backend, precision, device)
     manifest = runtime.manifest
     test = load_test_set(data, preprocessing(manifest))
+    # A production category may have no masks at all: image AUROC still means something, pixel
+    # metrics cannot; say so once rather than fail or print a silent "n/a".
+    pixel_metrics = "available" if any(s.mask_path is not None for s in test.samples) else "not available: no ground-truth masks"
+    if pixel_metrics != "available":
+        log(f"warning: no ground-truth masks in {Path(data) / 'ground_truth'}: image metrics only "
+            "(pixel AUROC and PRO are not available)")
     paths = [s.path for s in test.samples]
     log(f"evaluating {len(paths)} test images ({', '.join(test.defects)} + good) with {backend}")
     # The prototype-similarity tensor bounds ProtoAD's batch; the kNN blocks its own search.
@@ -305,6 +311,7 @@ def evaluate_engine(
                         "per_defect": {d: sum(s.defect == d for s in test.samples) for d in test.defects},
                         "image_level_only": [str(s.path) for s, ok in zip(test.samples, test.pixel_ok) if not ok]},
         "map_resolution": [int(maps.shape[1]), int(maps.shape[2])],
+        "pixel_metrics": pixel_metrics,
         "threshold": threshold,
         "methods": methods,
         # Per image, so that differences between methods can be tested image by image (paired).

@@ -13,11 +13,12 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from .artifacts import load_array, read_manifest, verify_file
-from .errors import InputError, MissingDependencyError
+from .errors import ArtifactError, InputError, MissingDependencyError
 from .images import Preprocessing, load_batch
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # The network's largest intermediate is the prototype similarity, batch x K x h x w FP32 (K up to
 # network.PROTOTYPE_CHUNK since the conv is chunked; before, a 51k-prototype eval at batch 8 was
 # killed for memory at 24 GB). Batches are cut to keep one chunk's under this.
@@ -149,7 +150,10 @@ class OnnxRuntime:
 
     backend = "onnxruntime"
 
-    def __init__(self, engine_dir: str | Path, manifest: dict, precision: str = "fp32", providers: Sequence[str] | None = None) -> None:
+    def __init__(self, engine_dir: str | Path, manifest: dict, precision: str = "fp32", providers: Sequence[str] | None = None,
+                 *, device: str | None = None) -> None:
+        """``device``: ``cuda`` refuses to run without a GPU execution provider (rather than fall
+        back to the CPU unseen); ``None`` or ``cpu`` takes the best installed providers."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -168,12 +172,24 @@ class OnnxRuntime:
             unknown = [p for p in providers if p not in available]
             if unknown:
                 raise MissingDependencyError(f"ONNX Runtime execution providers not installed: {', '.join(unknown)} (available: {', '.join(available)})")
+        if device == "cuda" and not any(p in GPU_PROVIDERS for p in providers):
+            raise MissingDependencyError(f"--device cuda was asked for, but ONNX Runtime has no GPU execution provider here "
+                                         f"(available: {', '.join(available)}): use --device cpu or install onnxruntime-gpu")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.providers = self.session.get_providers()
+        if device == "cuda" and not any(p in GPU_PROVIDERS for p in self.providers):
+            # Listed but not loadable (a CUDA library missing): ONNX Runtime fell back to the CPU.
+            raise MissingDependencyError(f"--device cuda was asked for, but ONNX Runtime could not start a GPU execution "
+                                         f"provider (running on {', '.join(self.providers)}): use --device cpu or fix the CUDA install")
         self.on_gpu = False  # timed end to end: ONNX Runtime hides its transfers
         self.crop = manifest["preprocessing"]["crop"]
+        # The manifest is not under sha256: an edited crop would reach ONNX Runtime as INVALID_ARGUMENT.
+        shape = self.session.get_inputs()[0].shape
+        if list(shape[2:]) != [self.crop, self.crop]:
+            raise ArtifactError(f"{Path(engine_dir) / 'manifest.json'}: preprocessing.crop {self.crop} does not match "
+                                f"{path.name}'s input {shape[2]}x{shape[3]}: the manifest was edited or is damaged; rebuild the engine")
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(["anomaly_map", "score"], {"image": _check_input(images, self.crop)})
@@ -182,7 +198,8 @@ class OnnxRuntime:
 
 def load(engine_dir: str | Path, backend: str = "onnxruntime", precision: str | None = None, device: str = "cpu",
          compile: bool = False, providers: Sequence[str] | None = None) -> Runtime:
-    """Open an engine directory (manifest and every listed file checked by sha256) with one backend.
+    """Open an engine directory (the manifest checked against its schema, the files the backend
+    opens by sha256) with one backend.
 
     ``torch``: FP32 reference or FP16 (CUDA), on ``device``, optionally ``compile``d;
     ``onnxruntime``: ``model.<precision>.onnx`` with the best installed (or the given) providers;
@@ -190,11 +207,13 @@ def load(engine_dir: str | Path, backend: str = "onnxruntime", precision: str | 
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    manifest = read_manifest(engine_dir, verify=True)
+    # Each backend checks the sha256 of the files it opens, and only those: a missing FP16 model
+    # must not block the FP32 one.
+    manifest = read_manifest(engine_dir, verify=False)
     if backend == "torch":
         return TorchRuntime(engine_dir, manifest, precision or "fp32", device, compile)
     if backend == "onnxruntime":
-        return OnnxRuntime(engine_dir, manifest, precision or "fp32", providers)
+        return OnnxRuntime(engine_dir, manifest, precision or "fp32", providers, device=device)
     if precision not in (None, "fp16"):
         raise InputError("TensorRT engines are FP16 (strongly typed from model.fp16.onnx)")
     from .engine import TensorRTRuntime  # noqa: PLC0415  (TensorRT is optional)

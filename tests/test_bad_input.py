@@ -148,8 +148,11 @@ def test_tampered_or_truncated_files_are_refused(engine_copy, name):
     with pytest.raises(ArtifactError, match=f"{name} does not match its sha256"):
         read_manifest(engine_copy)
     path.write_bytes(bytes(data[:100]))
+    # Each backend checks the files it opens: the FP16 graph, the prototypes of the torch reference.
+    backend, precision = {"model.fp32.onnx": ("onnxruntime", "fp32"), "model.fp16.onnx": ("onnxruntime", "fp16"),
+                          "prototypes.npy": ("torch", "fp32")}[name]
     with pytest.raises(ArtifactError, match=name):
-        runtime.load(engine_copy, "onnxruntime")
+        runtime.load(engine_copy, backend, precision)
 
 
 @pytest.mark.parametrize("version,match", [(0, "schema version 0"), (99, "schema version 99"), (None, "no schema_version")])
