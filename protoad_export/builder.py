@@ -190,7 +190,7 @@ def build(
     paths, held_out = split_holdout(paths, config.holdout, MIN_TRAIN_IMAGES)
     no_holdout = empty_holdout_reason(config.holdout, found, MIN_TRAIN_IMAGES, len(held_out))
     if no_holdout and config.holdout > 0:
-        log(f"warning: no hold-out kept: {no_holdout}; `calibrate` will need --data, or predict a --threshold")
+        log(f"warning: no hold-out kept: {no_holdout}; calibrate will need --data, or predict a --threshold")
     device = resolve_device(config.device)
     prep = get_spec(config.backbone).preprocessing(config.preprocessing)
     sizes = _sample_sizes(paths)

@@ -83,7 +83,7 @@ CASES = {
     "empty folder": (2, "no images"),
     "folder without images": (2, "no images"),
     "too few images": (2, "at least 5 are needed"),
-    "mostly corrupt images": (2, "images are unreadable (first:"),
+    "mostly corrupt images": (2, "images kept for fitting are unreadable (9 in the folder, 1 held out; first:"),
     "negative prototype count": (2, "Invalid value for '--max-prototypes'"),
     "batch profile min > max": (2, "1 <= MIN <= OPT <= MAX"),
     "unknown backbone": (2, "Invalid value for '--backbone'"),

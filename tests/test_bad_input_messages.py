@@ -213,7 +213,7 @@ def test_a_build_without_room_for_a_hold_out_warns_and_calibrate_names_why(tiny_
     category, engine, lines = tiny_build
     warnings = [line for line in lines if line.startswith("warning: no hold-out")]
     assert warnings == ["warning: no hold-out kept: only 5 training images, all needed for fitting (a hold-out needs "
-                        "at least 6: 5 to fit and 1 to hold out); `calibrate` will need --data, or predict a --threshold"]
+                        "at least 6: 5 to fit and 1 to hold out); calibrate will need --data, or predict a --threshold"]
     copy = tmp_path / "eng"
     shutil.copytree(engine, copy)
     result = CliRunner().invoke(main, ["calibrate", str(copy)])
