@@ -261,7 +261,9 @@ def evaluate_engine(
         out_dir = output_folder(out_dir)
     if baseline is not None and baseline not in BASELINES:
         raise InputError(f"unknown baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
-    runtime = load(engine_dir, backend, precision, device)
+    # --device is the torch backend's and the kNN baseline's: ONNX Runtime takes its best providers
+    # (a CUDA kNN search beside a CPU-only onnxruntime is a normal set-up).
+    runtime = load(engine_dir, backend, precision, device if backend == "torch" else "cpu")
     manifest = runtime.manifest
     test = load_test_set(data, preprocessing(manifest))
     # A production category may have no masks at all: image AUROC still means something, pixel

@@ -271,6 +271,10 @@ def test_predict_on_cuda_without_a_gpu_provider_is_refused(tiny_build, tmp_path)
     assert line.startswith("error: --device cuda was asked for, but ONNX Runtime has no GPU execution provider here "
                            "(available: ") and line.endswith("): use --device cpu or install onnxruntime-gpu")
     assert not (tmp_path / "p" / "results.csv").exists()
+    # eval's --device is the torch backend's and the kNN baseline's: ONNX Runtime still runs.
+    result = CliRunner().invoke(main, ["eval", str(engine), str(category), "--device", "cuda", "--out", str(tmp_path / "ev"),
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
 
 
 def test_a_text_file_given_as_weights_is_named_as_not_a_weights_file(tmp_path):
