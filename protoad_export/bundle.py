@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, ResourceError
+from .options import ALIGN_MODES, CHANNEL_ORDERS, INPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -97,14 +99,27 @@ def remove_stale_work(final_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # statvfs is POSIX only
+        return False
+
+
 def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
     """``path`` as a folder to write into, checked before any work: an existing file there, or
-    a file where a folder above it should be, is an InputError now rather than after the run."""
+    a file where a folder above it should be, is an InputError now rather than after the run, and
+    a folder that cannot be written (a read-only file system or no write permission) a ResourceError
+    (rather than a disk check's "0.0 GiB is free")."""
     path = Path(path)
     for at in (path, *path.parents):
         if at.exists():
             if not at.is_dir():
                 raise InputError(f"{option} {path}: {at} is a file, not a folder")
+            if _read_only_file_system(at):
+                raise ResourceError(f"{option} {path}: {at} is on a read-only file system")
+            if not os.access(at, os.W_OK | os.X_OK):
+                raise ResourceError(f"{option} {path}: {at} is read-only for this user (no write permission)")
             break
     return path
 
@@ -169,10 +184,132 @@ def read_manifest(engine_dir: str | os.PathLike, verify: bool = True) -> dict[st
         raise ArtifactError(
             f"{path} has schema version {version!r}; this protoad-export reads version {SCHEMA_VERSION}: rebuild the engine"
         )
+    check_manifest(manifest, path)
     if verify:
         for name in manifest.get("files", {}):
             verify_file(engine_dir, manifest, name)
     return manifest
+
+
+# The manifest's schema (what builder.build writes), checked by check_manifest. Engine directories
+# from older builds lack some optional fields (prototypes.chunk, backbone.architecture, holdout);
+# every field a loader reads is required, so an edited or damaged manifest fails here, in one line
+# naming the file and the field, instead of as a KeyError or an ONNX Runtime error mid-run.
+STAGE1_STRIDE = 4  # every backbone's (backbones.BACKBONES): the patch grid is ceil(crop / 4)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _plain_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and "/" not in value and "\\" not in value and value not in (".", "..")
+
+
+def _finite_triple(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_is_number(v) and math.isfinite(v) for v in value)
+
+
+_FIELDS: tuple[tuple[str, bool, str, Any], ...] = (
+    # (dotted field, required, what it must be, check)
+    ("backbone", True, "an object", lambda v: isinstance(v, dict)),
+    ("backbone.name", True, "a string", lambda v: isinstance(v, str)),
+    ("backbone.weights", True, "a string", lambda v: isinstance(v, str)),
+    ("backbone.weights_sha256", True, "a string or null", lambda v: v is None or isinstance(v, str)),
+    ("backbone.architecture", False, "a string", lambda v: isinstance(v, str)),
+    ("preprocessing", True, "an object", lambda v: isinstance(v, dict)),
+    ("preprocessing.resize", True, "an integer", _is_int),
+    ("preprocessing.crop", True, "an integer", _is_int),
+    ("preprocessing.mode", True, "a string", lambda v: isinstance(v, str)),
+    ("preprocessing.mean", True, "3 finite numbers", _finite_triple),
+    ("preprocessing.std", True, "3 finite positive numbers", lambda v: _finite_triple(v) and min(v) > 0),
+    ("align", True, f"one of {', '.join(ALIGN_MODES)}", lambda v: v in ALIGN_MODES),
+    ("input", True, "an object", lambda v: isinstance(v, dict)),
+    ("input.kind", False, "frames or tensor", lambda v: v in INPUT_KINDS),
+    ("input.channel_order", False, f"one of {', '.join(CHANNEL_ORDERS)}", lambda v: v in CHANNEL_ORDERS),
+    ("input.shape", True, "[batch, 3, crop, crop] or [batch, height, width, channels]",
+     lambda v: isinstance(v, list) and len(v) == 4 and all(_positive_int(x) for x in v[1:])),
+    ("prototypes", True, "an object", lambda v: isinstance(v, dict)),
+    ("prototypes.file", True, "a file name", _plain_name),
+    ("prototypes.count", True, "a positive integer", _positive_int),
+    ("prototypes.dim", True, "a positive integer", _positive_int),
+    ("prototypes.chunk", False, "a positive integer", _positive_int),
+    ("onnx", True, "an object", lambda v: isinstance(v, dict)),
+    ("onnx.fp32", False, "an object with a file", lambda v: isinstance(v, dict) and _plain_name(v.get("file"))),
+    ("onnx.fp16", False, "an object with a file", lambda v: isinstance(v, dict) and _plain_name(v.get("file"))),
+    ("train", True, "an object", lambda v: isinstance(v, dict)),
+    ("train.data", True, "a string", lambda v: isinstance(v, str)),
+    ("train.grid", True, "2 positive integers", lambda v: isinstance(v, list) and len(v) == 2 and all(_positive_int(x) for x in v)),
+    ("train.skipped", False, "a list of file names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ("batch_profile", False, "an object min, opt, max",
+     lambda v: isinstance(v, dict) and all(_positive_int(v.get(k)) for k in ("min", "opt", "max"))),
+    ("holdout", False, "an object", lambda v: isinstance(v, dict)),
+    ("holdout.scores", False, "a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
+    ("holdout.images", False, "a list of file names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ("threshold", False, "an object with a value", lambda v: isinstance(v, dict) and "value" in v),
+    ("threshold.value", False, "a finite positive number", lambda v: _is_number(v) and math.isfinite(v) and v > 0),
+    ("test_data", False, "a string or null", lambda v: v is None or isinstance(v, str)),
+    ("files", True, "an object", lambda v: isinstance(v, dict)),
+)
+
+
+def _field(manifest: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    value: Any = manifest
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return False, None
+        value = value[key]
+    return True, value
+
+
+def check_manifest(manifest: dict[str, Any], path: str | os.PathLike = MANIFEST_NAME) -> None:
+    """Raise ArtifactError naming ``path`` and the field when ``manifest`` does not follow the
+    schema builder.build writes (types, ranges, required keys) or its geometry disagrees with
+    itself: the crop against the network's input shape and the patch grid."""
+    from .data.images import Preprocessing
+
+    def bad(field: str, problem: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {field} {problem}: the manifest was edited or is damaged; rebuild the engine")
+
+    for dotted, required, what, check in _FIELDS:
+        present, value = _field(manifest, dotted)
+        if not present:
+            parent_present = "." not in dotted or _field(manifest, dotted.rsplit(".", 1)[0])[0]
+            if required and parent_present:
+                raise bad(dotted, "is missing")
+            continue
+        if not check(value):
+            raise bad(dotted, f"must be {what}, not {json.dumps(value)[:60]}")
+    if not manifest["onnx"]:
+        raise bad("onnx", "lists no model")
+    for name, entry in manifest["files"].items():
+        if not _plain_name(name) or not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                                         and _is_int(entry.get("bytes"))):
+            raise bad(f"files.{name}", "must be a file name with its sha256 and bytes")
+    try:
+        prep = Preprocessing.from_dict(manifest["preprocessing"])
+    except (InputError, ValueError) as exc:
+        raise bad("preprocessing", f"is out of range ({exc})") from None
+    shape = manifest["input"]["shape"]
+    if manifest["input"].get("kind", "tensor") == "tensor" and shape[1:] != [3, prep.crop, prep.crop]:
+        raise bad("preprocessing.crop", f"{prep.crop} does not match the network's input {shape[2]}x{shape[3]} (input.shape)")
+    if manifest["input"].get("kind") == "frames":
+        channels = 1 if manifest["input"].get("channel_order") == "gray" else 3
+        if shape[3] != channels:
+            raise bad("input.shape", f"has {shape[3]} channels, but channel_order {manifest['input'].get('channel_order')!r} "
+                                     f"means {channels}")
+    grid = math.ceil(prep.crop / STAGE1_STRIDE)
+    if manifest["train"]["grid"] != [grid, grid]:
+        raise bad("train.grid", f"{manifest['train']['grid']} does not match the crop {prep.crop} "
+                                f"(the network's patch grid is {grid}x{grid})")
 
 
 def verify_file(engine_dir: str | os.PathLike, manifest: dict[str, Any], name: str) -> Path:

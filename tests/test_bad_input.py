@@ -83,7 +83,7 @@ CASES = {
     "empty folder": (2, "no images"),
     "folder without images": (2, "no images"),
     "too few images": (2, "at least 5 are needed"),
-    "mostly corrupt images": (2, "images are unreadable (first:"),
+    "mostly corrupt images": (2, "images kept for fitting are unreadable (9 in the folder, 1 held out; first:"),
     "negative prototype count": (2, "Invalid value for '--max-prototypes'"),
     "batch profile min > max": (2, "1 <= MIN <= OPT <= MAX"),
     "unknown backbone": (2, "Invalid value for '--backbone'"),
@@ -148,8 +148,11 @@ def test_tampered_or_truncated_files_are_refused(engine_copy, name):
     with pytest.raises(ArtifactError, match=f"{name} does not match its sha256"):
         read_manifest(engine_copy)
     path.write_bytes(bytes(data[:100]))
+    # Each backend checks the files it opens: the FP16 graph, the prototypes of the torch reference.
+    backend, precision = {"model.fp32.onnx": ("onnxruntime", "fp32"), "model.fp16.onnx": ("onnxruntime", "fp16"),
+                          "prototypes.npy": ("torch", "fp32")}[name]
     with pytest.raises(ArtifactError, match=name):
-        runtime.load(engine_copy, "onnxruntime")
+        runtime.load(engine_copy, backend, precision)
 
 
 @pytest.mark.parametrize("version,match", [(0, "schema version 0"), (99, "schema version 99"), (None, "no schema_version")])

@@ -162,7 +162,7 @@ def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path):
     """FINCH's plan (its 16-bit copy, 2 bytes per value on a CPU, plus a sample's FP16 rows) against
     the memory available: the message names a --max-train-patches that fits, and it does fit."""
     from protoad_export.errors import ResourceError
-    from protoad_export.build.resources import check_build_resources, finch_memory
+    from protoad_export.build.resources import check_build_resources, engine_file_bytes, finch_memory
 
     n, dim, gib = 2_389_632, 1792, 1 << 30  # the full magnetic tile set with wide_resnet50_2
     plan = finch_memory(n, dim, sampled=False, on_cpu=True)
@@ -183,6 +183,8 @@ def test_a_build_that_cannot_fit_stops_before_any_work(tmp_path):
         check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=on_gpu, disk=100 * gib)
     with pytest.raises(ResourceError, match="more memory or a smaller backbone"):
         check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=gib // 2, disk=100 * gib)
+    # The disk holds the features and the engine's files: wide_resnet50_2's 24.9 M weights of stages 1-3.
+    engine = engine_file_bytes(24_862_528, 10_000, dim)
     with pytest.raises(ResourceError, match=r"^the features of this build \(2,389,632 patches x 1792 FP16 values\) need "
-                                            r"about 8\.6 GiB of disk beside .*, 5\.0 GiB is free"):
-        check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=100 * gib, disk=5 * gib)
+                                            r"about 8\.7 GiB of disk beside .*, 5\.0 GiB is free"):
+        check_build_resources(n, n, dim, tmp_path, True, 10_000, memory=100 * gib, disk=5 * gib, engine_bytes=engine)

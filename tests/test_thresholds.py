@@ -89,9 +89,17 @@ def test_f1_threshold_ties_prefer_the_higher_threshold_and_separable_case():
 
 
 def _fake_engine(tmp_path, holdout):
+    """An engine directory with a manifest of the schema read_manifest checks, and no files."""
     engine = tmp_path / "engine"
     engine.mkdir()
-    write_manifest(engine, {"tool": "protoad-export", "holdout": holdout, "files": {}})
+    write_manifest(engine, {
+        "tool": "protoad-export", "holdout": holdout, "files": {}, "align": "bilinear",
+        "backbone": {"name": "efficientnet_lite0", "weights": "random", "weights_sha256": None},
+        "preprocessing": {"resize": 80, "crop": 64, "mode": "crop", "mean": [0.5] * 3, "std": [0.5] * 3},
+        "input": {"shape": ["batch", 3, 64, 64]}, "onnx": {"fp32": {"file": "model.fp32.onnx"}},
+        "prototypes": {"file": "prototypes.npy", "count": 2, "dim": 176},
+        "train": {"data": str(tmp_path), "grid": [16, 16]},
+    })
     return engine
 
 

@@ -35,13 +35,25 @@ from ..contract import InputContract
 from ..export.onnx import inspect_graph, export_onnx
 from ..clustering.prototypes import fit_prototypes, near_miss, sample_rows
 from ..options import ALIGN_MODES, DEFAULT_MAX_PROTOTYPES, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK, similarity_batch
-from .resources import check_build_resources
-from ..evaluation.thresholds import score_holdout, split_holdout
+from .resources import check_build_resources, engine_file_bytes
+from ..evaluation.thresholds import empty_holdout_reason, score_holdout, split_holdout
 
 MIN_TRAIN_IMAGES = 5
+MAX_UPSCALE = 4.0  # a median upscaling above this is warned about (_warn_if_upscaling)
 MAX_SKIPPED_SHARE = 0.1
 PROTOTYPES_FILE = "prototypes.npy"
 ONNX_FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx"}
+# File names end at 255 bytes on Linux, macOS and Windows file systems; the hidden staging folder
+# of a build (``.NAME.<pid>.<random>.staging``) adds up to 27 bytes to the name.
+MAX_NAME_BYTES = 200
+
+
+def check_engine_name(name: str) -> None:
+    """InputError unless ``name`` can be an engine folder beside its hidden staging folders."""
+    if not name or "/" in name or name.startswith("."):
+        raise InputError(f"engine name must be a plain folder name, got {name!r}")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise InputError(f"engine name is {len(name.encode())} bytes long; at most {MAX_NAME_BYTES} are allowed")
 
 
 def parse_batch_profile(text: str) -> tuple[int, int, int]:
@@ -121,15 +133,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _warn_if_cropping_parts(paths: list[Path], prep: Preprocessing, log: Callable[[str], None]) -> None:
-    """The centre crop keeps crop/resize of the shorter side and the middle of the longer one: on
-    elongated parts it throws most of the part away (58 % of the magnetic tiles' defect pixels)."""
+def _sample_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(width, height) of about 50 evenly spread images, from their headers."""
     sizes = []
     for path in paths[:: max(1, len(paths) // 50)]:
         try:
             sizes.append(image_size(path))
         except InputError:
             continue  # reported with the other unreadable files during feature extraction
+    return sizes
+
+
+def _warn_if_cropping_parts(sizes: list[tuple[int, int]], prep: Preprocessing, log: Callable[[str], None]) -> None:
+    """The centre crop keeps crop/resize of the shorter side and the middle of the longer one: on
+    elongated parts it throws most of the part away (58 % of the magnetic tiles' defect pixels)."""
     if not sizes:
         return
     aspect = float(np.median([max(w, h) / min(w, h) for w, h in sizes]))
@@ -137,6 +154,19 @@ def _warn_if_cropping_parts(paths: list[Path], prep: Preprocessing, log: Callabl
         kept = prep.crop / (prep.resize * aspect)
         log(f"warning: the images are not square (median aspect 1:{aspect:.1f}); the centre crop keeps about "
             f"{kept:.0%} of each part's long side: consider --resize-mode letterbox (see benchmarks/RESULTS.md)")
+
+
+def _warn_if_upscaling(sizes: list[tuple[int, int]], prep: Preprocessing, log: Callable[[str], None]) -> None:
+    """Images far smaller than the network's input are interpolated up: the prototypes then model
+    the interpolation's blur, and defects of a pixel or two are smeared over many patches."""
+    if not sizes:
+        return
+    scales = [max(rw / w, rh / h) for (w, h), ((rw, rh), _, _) in ((s, prep.geometry(*s)) for s in sizes)]
+    scale = float(np.median(scales))
+    if scale > MAX_UPSCALE:
+        w, h = sizes[int(np.argsort(scales)[len(scales) // 2])]
+        log(f"warning: the images are small ({w}x{h} pixels) and are upscaled {scale:.0f}x to the {prep.crop}x{prep.crop} "
+            f"input: small defects are blurred over many patches; a smaller --crop and --resize (at least 32) fit them better")
 
 
 def build(
@@ -150,17 +180,22 @@ def build(
     """Fit prototypes on the normal images in ``data`` and write ``out/name`` (see README: artifacts)."""
     config = config or BuildConfig()
     log = log or (lambda _msg: None)
-    if not name or "/" in name or name.startswith("."):
-        raise InputError(f"engine name must be a plain folder name, got {name!r}")
+    check_engine_name(name)
     output_folder(out)
     paths = training_images(data)
     if len(paths) < MIN_TRAIN_IMAGES:
         raise InputError(f"{len(paths)} normal images found in {data}; at least {MIN_TRAIN_IMAGES} are needed")
+    found = len(paths)
     paths, held_out = split_holdout(paths, config.holdout, MIN_TRAIN_IMAGES)
+    no_holdout = empty_holdout_reason(config.holdout, found, MIN_TRAIN_IMAGES, len(held_out))
+    if no_holdout and config.holdout > 0:
+        log(f"warning: no hold-out kept: {no_holdout}; calibrate will need --data, or predict a --threshold")
     device = resolve_device(config.device)
     prep = get_spec(config.backbone).preprocessing(config.preprocessing)
+    sizes = _sample_sizes(paths)
     if prep.mode == "crop":
-        _warn_if_cropping_parts(paths, prep, log)
+        _warn_if_cropping_parts(sizes, prep, log)
+    _warn_if_upscaling(sizes, prep, log)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     backbone = load_backbone(config.backbone, config.weights)
@@ -170,8 +205,10 @@ def build(
     # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
     n_features = len(paths) * grid * grid
     n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
+    engine_bytes = engine_file_bytes(sum(p.numel() for p in backbone.module.parameters()),
+                                     min(n_clustered, config.max_prototypes), dim)
     check_build_resources(n_features, n_clustered, dim, out, searches_on_cpu(n_clustered, dim, config.neighbours, device),
-                          config.max_prototypes)
+                          config.max_prototypes, engine_bytes=engine_bytes)
 
     final_dir = Path(out) / name
     staging = staging_directory(final_dir)
@@ -188,9 +225,10 @@ def build(
             listed = "; ".join(f"{p.name}" for p, _ in extracted.skipped[:10])
             log(f"warning: skipped {len(extracted.skipped)} unreadable images: {listed}")
             if len(extracted.skipped) > MAX_SKIPPED_SHARE * len(paths) or len(extracted.used) < MIN_TRAIN_IMAGES:
-                raise InputError(
-                    f"{len(extracted.skipped)} of {len(paths)} images are unreadable (first: {extracted.skipped[0][1]})"
-                )
+                # Counted against the images read for fitting; the held-out ones are read later.
+                where = f"{found} in the folder, {len(held_out)} held out; " if held_out else ""
+                raise InputError(f"{len(extracted.skipped)} of the {len(paths)} images kept for fitting are unreadable "
+                                 f"({where}first: {extracted.skipped[0][1]})")
         timings["features"] = time.perf_counter() - t0
         log(f"      {extracted.array.shape[0]:,} patch features of {extracted.array.shape[1]} dims ({timings['features']:.1f} s)")
 
@@ -237,6 +275,8 @@ def build(
         # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
         batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size, config.prototype_chunk)  # bounded memory
         holdout = score_holdout(network, held_out, prep, config.holdout, device, batch)
+        if no_holdout:
+            holdout["empty_reason"] = no_holdout
         timings["holdout"] = time.perf_counter() - t0
 
         log("[4/4] manifest")

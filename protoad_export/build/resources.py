@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import ResourceError
 from ..clustering.finch import EXACT_CPU_LIMIT
@@ -21,8 +22,16 @@ from ..clustering.finch import EXACT_CPU_LIMIT
 # 200 images), ~9.0 for 7.98 (wide_resnet50_2, 762 images); this plan gives 1.86, 3.30 and 9.78.
 MEMORY_SLACK = 1.1
 MEMORY_RESERVE = 1 << 30
-DISK_SLACK = 1.05  # the disk-backed FP16 features, plus the engine's own files
-DISK_RESERVE = 256 << 20
+# Disk: the FP16 features x DISK_SLACK, plus the engine's own files (engine_file_bytes), plus
+# DISK_FLOOR for the manifest, temporary names and file system overhead. The reserve thus grows
+# with the job: a fixed 256 MiB (until 2026-12-05) refused a 20 MB build on a nearly full disk and
+# undercounted a wide_resnet50_2 engine's ~300 MB of ONNX files.
+DISK_SLACK = 1.05
+DISK_FLOOR = 16 << 20
+# Bench: the host memory of one timed batch per image (engine_batch_bytes) x BATCH_SLACK, for the
+# backbone's intermediate activations beside the features, plus BATCH_RESERVE.
+BATCH_SLACK = 2.0
+BATCH_RESERVE = 256 << 20
 
 
 _CGROUP_FILES = {  # limit, usage, stats, the stat of reclaimable file cache
@@ -102,13 +111,21 @@ def finch_memory(n: int, dim: int, sampled: bool, on_cpu: bool) -> int:
     return int(MEMORY_SLACK * per_value * n * dim) + MEMORY_RESERVE
 
 
+def engine_file_bytes(backbone_parameters: int, prototypes: int, dim: int) -> int:
+    """Bytes of an engine's own files: the backbone's weights in the FP32 and FP16 ONNX graphs (6
+    bytes each) and the prototypes in prototypes.npy, both graphs (4 + 4 + 2 bytes per value)."""
+    return 6 * int(backbone_parameters) + 10 * int(prototypes) * int(dim)
+
+
 def check_build_resources(n_features: int, n_clustered: int, dim: int, out: str | Path, on_cpu: bool,
-                          max_prototypes: int, memory: int | None = None, disk: int | None = None) -> None:
+                          max_prototypes: int, memory: int | None = None, disk: int | None = None,
+                          *, engine_bytes: int = 0) -> None:
     """Raise ResourceError now when the disk under ``out`` cannot hold ``n_features`` FP16 features
-    of ``dim`` values, or memory (``memory``: what is available, read here when ``None``) cannot
-    hold FINCH on ``n_clustered`` of them; the memory message names the --max-train-patches that fits."""
+    of ``dim`` values and the engine's files (``engine_bytes``, see :func:`engine_file_bytes`), or
+    memory (``memory``: what is available, read here when ``None``) cannot hold FINCH on
+    ``n_clustered`` of them; the memory message names the --max-train-patches that fits."""
     disk = free_disk(out) if disk is None else disk
-    need_disk = int(DISK_SLACK * 2 * n_features * dim) + DISK_RESERVE
+    need_disk = int(DISK_SLACK * 2 * n_features * dim) + int(engine_bytes) + DISK_FLOOR
     if need_disk > disk:
         raise ResourceError(f"the features of this build ({n_features:,} patches x {dim} FP16 values) need about "
                             f"{need_disk / 2**30:.1f} GiB of disk beside {out}, {disk / 2**30:.1f} GiB is free: "
@@ -125,3 +142,29 @@ def check_build_resources(n_features: int, n_clustered: int, dim: int, out: str 
               if fits >= max_prototypes else "use a machine with more memory or a smaller backbone")
     raise ResourceError(f"FINCH on {n_clustered:,} patch features of {dim} dims needs about {need / 2**30:.1f} GiB of "
                         f"memory, {memory / 2**30:.1f} GiB is available: {remedy}")
+
+
+def engine_batch_bytes(manifest: dict) -> int:
+    """Host memory per image of a batch through an engine: the float32 input and anomaly map, the
+    patch features and one chunk of prototype similarities (network.py), x BATCH_SLACK."""
+    crop = int(manifest["preprocessing"]["crop"])
+    cells = int(manifest["train"]["grid"][0]) * int(manifest["train"]["grid"][1])
+    protos = manifest["prototypes"]
+    chunk = min(int(protos["count"]), int(protos.get("chunk", protos["count"])))
+    return int(BATCH_SLACK * 4 * (4 * crop * crop + (int(protos["dim"]) + chunk) * cells))
+
+
+def check_batch_memory(batch_sizes: Sequence[int], manifest: dict, *, memory: int | None = None) -> None:
+    """Raise ResourceError before a bench when the largest of ``batch_sizes`` cannot be held in
+    memory (``memory``: what is available, read here when ``None``); the message names the largest
+    batch that fits."""
+    memory = available_memory() if memory is None else memory
+    largest = max(batch_sizes)
+    per_image = engine_batch_bytes(manifest)
+    need = largest * per_image + BATCH_RESERVE
+    if memory is None or need <= memory:
+        return
+    fits = max(0, (memory - BATCH_RESERVE) // per_image)
+    remedy = f"use --batch-sizes of at most {fits:,}" if fits >= 1 else "use a machine with more memory"
+    raise ResourceError(f"a batch of {largest:,} images needs about {need / 2**30:.1f} GiB of memory "
+                        f"({per_image / 2**20:.1f} MiB per image), {memory / 2**30:.1f} GiB is available: {remedy}")

@@ -32,7 +32,8 @@ def compile_cmd(engine_dir, batch_profile, workspace, opt_level) -> None:
 
 def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+        # An empty item ("1,,2", a trailing comma) is refused like any other typo, not skipped.
+        sizes = tuple(int(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"comma-separated positive integers expected, got {value!r}") from None
     if not sizes or min(sizes) < 1:

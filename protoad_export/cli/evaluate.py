@@ -78,7 +78,8 @@ def calibrate(engine_dir, target_frr, data, backend, quiet) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--backend", default="onnxruntime", show_default=True, type=BACKEND_CHOICE)
 @click.option("--precision", default=None, type=click.Choice(["fp32", "fp16"]))
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="Device of the torch backend; with onnxruntime, cuda needs a GPU execution provider (refused without one).")
 @click.option("--threshold", default=None, type=float, help="Override the manifest's threshold.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--quiet", is_flag=True)

@@ -22,6 +22,7 @@ from ..bundle import atomic_write_json, read_manifest
 from ..errors import InputError, MissingDependencyError, ProtoADError, ToleranceError
 from ..data.datasets import TestSet
 from ..options import BACKEND_SPECS
+from ..build.resources import check_batch_memory
 
 # FP32 backends differ from the reference by summation order only; FP16 ones by rounding of
 # activations and weights (the prototype conv is designed to keep ~1e-3 on 1 - cos, see network.py).
@@ -213,8 +214,12 @@ def bench(
     for name in backends:
         if name not in BACKEND_SPECS:
             raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
-    if any(b < 1 for b in batch_sizes):
-        raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if fps:
+        # Each timed batch is decoded and held whole: a batch that cannot fit stops here, not at a
+        # MemoryError after the fidelity run.
+        check_batch_memory(batch_sizes, manifest)
     images = load_test_images(manifest, data, limit)
     log(f"fidelity: {len(images.paths)} images from {images.source}, reference PyTorch FP32 on {device}")
 

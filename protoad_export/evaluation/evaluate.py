@@ -108,9 +108,18 @@ def evaluate_engine(
         out_dir = output_folder(out_dir)
     if baseline is not None and baseline not in BASELINES:
         raise InputError(f"unknown baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
-    runtime = load(engine_dir, backend, precision=precision, device=device)
+    # --device is the torch backend's and the kNN baseline's: ONNX Runtime takes its best providers
+    # (a CUDA kNN search beside a CPU-only onnxruntime is a normal set-up).
+    runtime = load(engine_dir, backend, precision=precision, device=device if backend == "torch" else "cpu")
     manifest = runtime.manifest
+    threshold = manifest_threshold(manifest)  # a bad one stops here, before any image is read
     test = load_test_set(data, runtime.preprocessing)
+    # A production category may have no masks at all: image AUROC still means something, pixel
+    # metrics cannot; say so once rather than fail or print a silent "n/a".
+    pixel_metrics = "available" if any(s.mask_path is not None for s in test.samples) else "not available: no ground-truth masks"
+    if pixel_metrics != "available":
+        log(f"warning: no ground-truth masks in {Path(data) / 'ground_truth'}: image metrics only "
+            "(pixel AUROC and PRO are not available)")
     paths = [s.path for s in test.samples]
     log(f"evaluating {len(paths)} test images ({', '.join(test.defects)} + good) with {backend}")
     t0 = time.perf_counter()
@@ -122,7 +131,6 @@ def evaluate_engine(
         "images_per_second": round(len(paths) / secs, 2), "backend": backend, "precision": runtime.precision,
         "prototypes": protos["count"], "prototypes_mib_fp32": round(protos["count"] * protos["dim"] * 4 / 2**20, 2),
     }}
-    threshold = manifest_threshold(manifest)
     if threshold is not None:
         methods["protoad"]["at_threshold"] = at_threshold(test, scores, threshold)
     all_scores = {"protoad": scores}
@@ -155,6 +163,7 @@ def evaluate_engine(
                         "per_defect": {d: sum(s.defect == d for s in test.samples) for d in test.defects},
                         "image_level_only": [str(s.path) for s, ok in zip(test.samples, test.pixel_ok) if not ok]},
         "map_resolution": [int(maps.shape[1]), int(maps.shape[2])],
+        "pixel_metrics": pixel_metrics,
         "threshold": threshold,
         "methods": methods,
         # Per image, so that differences between methods can be tested image by image (paired).

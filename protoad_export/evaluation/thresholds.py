@@ -56,6 +56,17 @@ def split_holdout(paths: Sequence[Path], share: float, min_fit: int) -> tuple[li
     return [p for i, p in enumerate(paths) if i not in picks], [p for i, p in enumerate(paths) if i in picks]
 
 
+def empty_holdout_reason(share: float, images: int, min_fit: int, held_out: int) -> str | None:
+    """Why a build keeps no hold-out scores (recorded in the manifest, named by ``calibrate``), or
+    None when it has some: ``images`` training images, ``held_out`` of them split off, all unreadable."""
+    if share <= 0:
+        return "built with --holdout 0"
+    if held_out == 0:
+        return (f"only {images} training images, all needed for fitting "
+                f"(a hold-out needs at least {min_fit + 1}: {min_fit} to fit and 1 to hold out)")
+    return None
+
+
 def score_distribution(scores: np.ndarray) -> dict:
     """Count, mean, std, quantiles (linear interpolation) of image scores, for the manifest."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -203,9 +214,12 @@ def calibrate(
     if data is None:
         holdout = manifest.get("holdout")
         if not holdout or not holdout.get("scores"):
+            reason = (holdout or {}).get("empty_reason")
+            if reason is None and holdout and holdout.get("skipped"):
+                reason = f"all {len(holdout['skipped'])} held-out images were unreadable"
             raise ArtifactError(
-                f"{engine_dir} has no hold-out scores (built with --holdout 0 or by an older version): "
-                "rebuild, or calibrate with --data CATEGORY"
+                f"{engine_dir} has no hold-out scores ({reason or 'built with --holdout 0 or by an older version'}): "
+                "rebuild, or calibrate with --data CATEGORY, or give predict a --threshold"
             )
         threshold = frr_threshold(holdout["scores"], target_frr)
         threshold.details["source"] = f"build hold-out ({holdout['network']})"

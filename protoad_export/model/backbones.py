@@ -102,6 +102,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"--weights {path} is a folder: give the weights file itself (a .pth or .pt from torch.save)")
     if not path.is_file():
         raise InputError(f"weights file not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive (PK..); files of torch < 1.6 are a pickle stream (0x80 ...).
+    # Anything else (a text file, an image) would fail inside torch.load with a bare "KeyError: 101".
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise InputError(f"{path}: not a PyTorch weights file (torch.save writes a zip archive or a pickle; "
+                         f"this file starts with {head!r}): give the .pth or .pt file of the backbone's state dict")
     try:
         with warnings.catch_warnings():
             # torch warns (two lines on stderr) about the pickle protocol of files it then refuses or

@@ -12,10 +12,11 @@ import numpy as np
 
 from ..bundle import verify_file
 from ..contract import OUTPUT_NAMES
-from ..errors import InputError, MissingDependencyError
+from ..errors import ArtifactError, InputError, MissingDependencyError
 from .base import Runtime
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 class OnnxRuntime(Runtime):
@@ -24,7 +25,9 @@ class OnnxRuntime(Runtime):
     backend = "onnxruntime"
 
     def __init__(self, bundle_dir: str | Path, manifest: dict, *, precision: str = "fp32",
-                 providers: Sequence[str] | None = None) -> None:
+                 providers: Sequence[str] | None = None, device: str | None = None) -> None:
+        """``device``: ``cuda`` refuses to run without a GPU execution provider (rather than fall
+        back to the CPU unseen); ``None`` or ``cpu`` takes the best installed providers."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -43,11 +46,24 @@ class OnnxRuntime(Runtime):
             unknown = [p for p in providers if p not in available]
             if unknown:
                 raise MissingDependencyError(f"ONNX Runtime execution providers not installed: {', '.join(unknown)} (available: {', '.join(available)})")
+        if device == "cuda" and not any(p in GPU_PROVIDERS for p in providers):
+            raise MissingDependencyError(f"device cuda was asked for, but ONNX Runtime has no GPU execution provider here "
+                                         f"(available: {', '.join(available)}): use device cpu or install onnxruntime-gpu")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.providers = self.session.get_providers()
+        if device == "cuda" and not any(p in GPU_PROVIDERS for p in self.providers):
+            # Listed but not loadable (a CUDA library missing): ONNX Runtime fell back to the CPU.
+            raise MissingDependencyError(f"device cuda was asked for, but ONNX Runtime could not start a GPU execution "
+                                         f"provider (running on {', '.join(self.providers)}): use device cpu or fix the CUDA install")
         self.on_gpu = False  # timed end to end: ONNX Runtime hides its transfers
+        # The manifest is not under sha256: an edited geometry would reach ONNX Runtime as INVALID_ARGUMENT.
+        graph_input = self.session.get_inputs()[0]
+        if graph_input.name != self.contract.name or list(graph_input.shape[1:]) != list(self.contract.shape()[1:]):
+            raise ArtifactError(f"{Path(bundle_dir) / 'manifest.json'}: its input ({self.contract.describe()}) does not match "
+                                f"{path.name}'s input {graph_input.name} {graph_input.shape}: the manifest was edited or is "
+                                "damaged; rebuild the bundle")
 
     def _run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(list(OUTPUT_NAMES), {self.contract.name: inputs})
