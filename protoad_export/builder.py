@@ -23,7 +23,8 @@ import onnx
 import torch
 
 from . import __version__
-from .artifacts import atomic_path, commit_directory, output_folder, staging_directory, write_manifest
+from .artifacts import (atomic_path, build_lock, commit_directory, output_folder, replaceable_bundle, staging_directory,
+                        write_manifest)
 from .backbones import get_spec, load_backbone
 from .errors import InputError
 from .features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
@@ -140,6 +141,22 @@ def _warn_if_cropping_parts(paths: list[Path], prep: Preprocessing, log: Callabl
             f"{kept:.0%} of each part's long side: consider --resize-mode letterbox (see benchmarks/RESULTS.md)")
 
 
+def _replacing_message(name: str, old: dict) -> str:
+    """What a rebuild of ``name`` loses: a threshold is calibrated on the old prototypes' score scale."""
+    threshold = old.get("threshold")
+    value = threshold.get("value") if isinstance(threshold, dict) else None
+    if isinstance(value, (int, float)):
+        return f"warning: replacing engine {name} (threshold {value:.6g} will be lost; re-run calibrate)"
+    return f"replacing engine {name}"
+
+
+def _check_finite(values: np.ndarray, stage: str, remedy: str) -> None:
+    """Stop a build whose ``stage`` produced NaN or infinite values: such a bundle would pass every part."""
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputError(f"{stage}: {bad:,} of {np.size(values):,} values are NaN or infinite ({remedy}); nothing was written")
+
+
 def build(
     data: str | Path,
     name: str,
@@ -158,127 +175,135 @@ def build(
     if len(paths) < MIN_TRAIN_IMAGES:
         raise InputError(f"{len(paths)} normal images found in {data}; at least {MIN_TRAIN_IMAGES} are needed")
     paths, held_out = split_holdout(paths, config.holdout, MIN_TRAIN_IMAGES)
-    device = resolve_device(config.device)
-    prep = get_spec(config.backbone).preprocessing(config.preprocessing)
-    if prep.mode == "crop":
-        _warn_if_cropping_parts(paths, prep, log)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    backbone = load_backbone(config.backbone, config.weights)
-    grid = patch_grid(prep.crop, backbone.spec.strides[0])
-    patch_features = PatchFeatures(backbone.module, config.align, grid)
-    timings["backbone"] = time.perf_counter() - t0
-    # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
-    n_features = len(paths) * grid * grid
-    n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
-    check_build_resources(n_features, n_clustered, dim, out, searches_on_cpu(n_clustered, dim, config.neighbours, device),
-                          config.max_prototypes)
-
     final_dir = Path(out) / name
-    staging = staging_directory(final_dir)
-    workdir = staging_directory(final_dir, kind="scratch")
-    try:
+    with build_lock(final_dir):
+        # Under the lock, so the folder checked is the one replaced (commit_directory checks again).
+        old = replaceable_bundle(final_dir, data)
+        if old is not None:
+            log(_replacing_message(name, old))
+        device = resolve_device(config.device)
+        prep = get_spec(config.backbone).preprocessing(config.preprocessing)
+        if prep.mode == "crop":
+            _warn_if_cropping_parts(paths, prep, log)
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        log(f"[1/4] features: {len(paths)} images, {config.backbone} on {device.type}")
-        torch.manual_seed(0)
-        extracted = extract_features(
-            FeatureExtractor(patch_features, prep), paths, prep, workdir / "features.npy",
-            batch_size=config.batch_size, device=device, progress=progress,
-        )
-        if extracted.skipped:
-            listed = "; ".join(f"{p.name}" for p, _ in extracted.skipped[:10])
-            log(f"warning: skipped {len(extracted.skipped)} unreadable images: {listed}")
-            if len(extracted.skipped) > MAX_SKIPPED_SHARE * len(paths) or len(extracted.used) < MIN_TRAIN_IMAGES:
-                raise InputError(
-                    f"{len(extracted.skipped)} of {len(paths)} images are unreadable (first: {extracted.skipped[0][1]})"
-                )
-        timings["features"] = time.perf_counter() - t0
-        log(f"      {extracted.array.shape[0]:,} patch features of {extracted.array.shape[1]} dims ({timings['features']:.1f} s)")
+        backbone = load_backbone(config.backbone, config.weights)
+        grid = patch_grid(prep.crop, backbone.spec.strides[0])
+        patch_features = PatchFeatures(backbone.module, config.align, grid)
+        timings["backbone"] = time.perf_counter() - t0
+        # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
+        n_features = len(paths) * grid * grid
+        n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
+        check_build_resources(n_features, n_clustered, dim, out, searches_on_cpu(n_clustered, dim, config.neighbours, device),
+                              config.max_prototypes)
 
-        t0 = time.perf_counter()
-        train_features = extracted.array
-        rows = sample_rows(len(train_features), config.max_train_patches)
-        if rows is not None:
-            train_features = train_features[rows]  # reads only the sampled rows
-            log(f"      --max-train-patches: a seeded uniform sample of {len(rows):,} patches")
-        log(f"[2/4] FINCH: stop below {config.max_prototypes:,} clusters")
-        fit = fit_prototypes(
-            train_features, config.max_prototypes, config.normalize_prototypes, config.neighbours,
-            device, log=lambda m: log("      " + m),
-        )
-        timings["clustering"] = time.perf_counter() - t0
-        with atomic_path(staging / PROTOTYPES_FILE) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, fit.prototypes, allow_pickle=False)
-        log(f"      {len(fit.prototypes):,} prototypes ({timings['clustering']:.1f} s)")
-        passed = near_miss(fit.finch.partition_sizes, config.max_prototypes)
-        if passed is not None:
-            log(f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes "
-                f"{config.max_prototypes:,}, for {len(fit.prototypes):,}; fewer prototypes usually score lower "
-                f"(--max-prototypes {passed + 1} keeps the {passed:,})")
+        staging = staging_directory(final_dir)
+        workdir = staging_directory(final_dir, kind="scratch")
+        try:
+            t0 = time.perf_counter()
+            log(f"[1/4] features: {len(paths)} images, {config.backbone} on {device.type}")
+            torch.manual_seed(0)
+            extracted = extract_features(
+                FeatureExtractor(patch_features, prep), paths, prep, workdir / "features.npy",
+                batch_size=config.batch_size, device=device, progress=progress,
+            )
+            if extracted.skipped:
+                listed = "; ".join(f"{p.name}" for p, _ in extracted.skipped[:10])
+                log(f"warning: skipped {len(extracted.skipped)} unreadable images: {listed}")
+                if len(extracted.skipped) > MAX_SKIPPED_SHARE * len(paths) or len(extracted.used) < MIN_TRAIN_IMAGES:
+                    raise InputError(
+                        f"{len(extracted.skipped)} of {len(paths)} images are unreadable (first: {extracted.skipped[0][1]})"
+                    )
+            timings["features"] = time.perf_counter() - t0
+            log(f"      {extracted.array.shape[0]:,} patch features of {extracted.array.shape[1]} dims ({timings['features']:.1f} s)")
 
-        t0 = time.perf_counter()
-        log("[3/4] ONNX: tracing the complete network, FP32 and FP16")
-        graphs = {}
-        network = None
-        for precision, filename in ONNX_FILES.items():
-            # ProtoADNetwork casts its feature module in place: the FP16 graph gets its own copy.
-            features = copy.deepcopy(patch_features) if precision == "fp16" else patch_features
-            net = ProtoADNetwork(features, fit.prototypes, prep, precision, chunk=config.prototype_chunk).eval()
-            export_onnx(net, staging / filename)
-            report = inspect_graph(onnx.load(str(staging / filename)))
-            graphs[precision] = {"file": filename, "opset": report.opset, "ops": report.ops,
-                                 "casts": report.cast_targets, "conv_input_dtypes": report.conv_dtypes}
-            if precision == "fp32":
-                network = net
-        timings["export"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            train_features = extracted.array
+            rows = sample_rows(len(train_features), config.max_train_patches)
+            if rows is not None:
+                train_features = train_features[rows]  # reads only the sampled rows
+                log(f"      --max-train-patches: a seeded uniform sample of {len(rows):,} patches")
+            log(f"[2/4] FINCH: stop below {config.max_prototypes:,} clusters")
+            fit = fit_prototypes(
+                train_features, config.max_prototypes, config.normalize_prototypes, config.neighbours,
+                device, log=lambda m: log("      " + m),
+            )
+            timings["clustering"] = time.perf_counter() - t0
+            _check_finite(fit.prototypes, "[2/4] prototypes", "the features they were fitted on are broken")
+            with atomic_path(staging / PROTOTYPES_FILE) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, fit.prototypes, allow_pickle=False)
+            log(f"      {len(fit.prototypes):,} prototypes ({timings['clustering']:.1f} s)")
+            passed = near_miss(fit.finch.partition_sizes, config.max_prototypes)
+            if passed is not None:
+                log(f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes "
+                    f"{config.max_prototypes:,}, for {len(fit.prototypes):,}; fewer prototypes usually score lower "
+                    f"(--max-prototypes {passed + 1} keeps the {passed:,})")
 
-        t0 = time.perf_counter()
-        # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
-        batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size, config.prototype_chunk)  # bounded memory
-        holdout = score_holdout(network, held_out, prep, config.holdout, device, batch)
-        timings["holdout"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            log("[3/4] ONNX: tracing the complete network, FP32 and FP16")
+            graphs = {}
+            network = None
+            for precision, filename in ONNX_FILES.items():
+                # ProtoADNetwork casts its feature module in place: the FP16 graph gets its own copy.
+                features = copy.deepcopy(patch_features) if precision == "fp16" else patch_features
+                net = ProtoADNetwork(features, fit.prototypes, prep, precision, chunk=config.prototype_chunk).eval()
+                export_onnx(net, staging / filename)
+                report = inspect_graph(onnx.load(str(staging / filename)))
+                graphs[precision] = {"file": filename, "opset": report.opset, "ops": report.ops,
+                                     "casts": report.cast_targets, "conv_input_dtypes": report.conv_dtypes}
+                if precision == "fp32":
+                    network = net
+            timings["export"] = time.perf_counter() - t0
 
-        log("[4/4] manifest")
-        manifest = {
-            "tool": "protoad-export",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backbone": {
-                "name": backbone.spec.name, "architecture": backbone.spec.architecture, "weights": backbone.weights_source,
-                "weights_sha256": backbone.weights_sha256, "channels": list(backbone.spec.channels),
-                "feature_dim": backbone.spec.feature_dim,
-            },
-            "preprocessing": prep.to_dict(),
-            "align": config.align,
-            "input": {"name": "image", "shape": ["batch", 3, prep.crop, prep.crop], "dtype": "float32",
-                      "range": [0.0, 1.0], "channels": "RGB"},
-            "outputs": {"anomaly_map": ["batch", 1, prep.crop, prep.crop], "score": ["batch"]},
-            "prototypes": {"file": PROTOTYPES_FILE, "count": int(len(fit.prototypes)),
-                           "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
-                           "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
-            "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
-                      "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed},
-            "onnx": graphs,
-            "batch_profile": {"min": config.batch_profile[0], "opt": config.batch_profile[1], "max": config.batch_profile[2]},
-            "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),
-                      "skipped": [p.name for p, _ in extracted.skipped], "patches": int(extracted.array.shape[0]),
-                      "patches_clustered": int(len(train_features)), "max_train_patches": config.max_train_patches,
-                      "grid": list(extracted.grid)},
-            "test_data": str(Path(data).resolve()) if is_mvtec_category(data) else None,
-            "holdout": holdout,
-            "build": {"device": device.type, "seconds": {k: round(v, 3) for k, v in timings.items()},
-                      "peak_rss_mib": round(peak_rss_mib(), 1)},
-            "versions": _versions(),
-            "files": {PROTOTYPES_FILE: None, **{f: None for f in ONNX_FILES.values()}},
-        }
-        write_manifest(staging, manifest)
-        del extracted
-        commit_directory(staging, final_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    from .artifacts import read_manifest
+            t0 = time.perf_counter()
+            # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
+            batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size, config.prototype_chunk)  # bounded memory
+            holdout = score_holdout(network, held_out, prep, config.holdout, device, batch)
+            _check_finite(np.asarray(holdout["scores"], dtype=np.float64), "hold-out scores",
+                          "the network gives no usable scores: check --weights")
+            timings["holdout"] = time.perf_counter() - t0
 
-    return BuildResult(final_dir, read_manifest(final_dir), network)
+            log("[4/4] manifest")
+            manifest = {
+                "tool": "protoad-export",
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "backbone": {
+                    "name": backbone.spec.name, "architecture": backbone.spec.architecture, "weights": backbone.weights_source,
+                    "weights_sha256": backbone.weights_sha256, "channels": list(backbone.spec.channels),
+                    "feature_dim": backbone.spec.feature_dim,
+                },
+                "preprocessing": prep.to_dict(),
+                "align": config.align,
+                "input": {"name": "image", "shape": ["batch", 3, prep.crop, prep.crop], "dtype": "float32",
+                          "range": [0.0, 1.0], "channels": "RGB"},
+                "outputs": {"anomaly_map": ["batch", 1, prep.crop, prep.crop], "score": ["batch"]},
+                "prototypes": {"file": PROTOTYPES_FILE, "count": int(len(fit.prototypes)),
+                               "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
+                               "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
+                "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
+                          "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed},
+                "onnx": graphs,
+                "batch_profile": {"min": config.batch_profile[0], "opt": config.batch_profile[1], "max": config.batch_profile[2]},
+                "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),
+                          "skipped": [p.name for p, _ in extracted.skipped], "patches": int(extracted.array.shape[0]),
+                          "patches_clustered": int(len(train_features)), "max_train_patches": config.max_train_patches,
+                          "grid": list(extracted.grid)},
+                "test_data": str(Path(data).resolve()) if is_mvtec_category(data) else None,
+                "holdout": holdout,
+                "build": {"device": device.type, "seconds": {k: round(v, 3) for k, v in timings.items()},
+                          "peak_rss_mib": round(peak_rss_mib(), 1)},
+                "versions": _versions(),
+                "files": {PROTOTYPES_FILE: None, **{f: None for f in ONNX_FILES.values()}},
+            }
+            write_manifest(staging, manifest)
+            del extracted
+            commit_directory(staging, final_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        from .artifacts import read_manifest
+
+        return BuildResult(final_dir, read_manifest(final_dir), network)

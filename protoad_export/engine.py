@@ -391,7 +391,7 @@ class TensorRTRuntime:
         """float32 [B, 3, S, S] in [0, 1] -> (maps [B, S, S], scores [B]); any B, run in profile-sized chunks."""
         from .runtime import _check_input
 
-        images = _check_input(images, self.crop)
+        images = _check_input(images, self.manifest)
         maps, scores = [], []
         for start in range(0, len(images), self.max_batch):
             chunk = images[start : start + self.max_batch]

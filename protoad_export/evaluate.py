@@ -263,6 +263,7 @@ def evaluate_engine(
         raise InputError(f"unknown baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
     runtime = load(engine_dir, backend, precision, device)
     manifest = runtime.manifest
+    threshold = manifest_threshold(manifest, engine_dir)  # checked before the run, not after it
     test = load_test_set(data, preprocessing(manifest))
     paths = [s.path for s in test.samples]
     log(f"evaluating {len(paths)} test images ({', '.join(test.defects)} + good) with {backend}")
@@ -274,7 +275,6 @@ def evaluate_engine(
         "images_per_second": round(len(paths) / secs, 2), "backend": backend, "precision": runtime.precision,
         "prototypes": protos["count"], "prototypes_mib_fp32": round(protos["count"] * protos["dim"] * 4 / 2**20, 2),
     }}
-    threshold = manifest_threshold(manifest)
     if threshold is not None:
         methods["protoad"]["at_threshold"] = at_threshold(test, scores, threshold)
     all_scores = {"protoad": scores}

@@ -30,7 +30,7 @@ from PIL import Image
 from .artifacts import atomic_path, atomic_write_bytes, atomic_write_json, output_folder
 from .errors import InputError
 from .images import collect_images, load_image
-from .thresholds import DECISION_RULE, manifest_threshold
+from .thresholds import DECISION_RULE, check_threshold, manifest_threshold
 
 HEATMAP_SCALE = 2.0  # the colour scale runs from 0 to this times the threshold
 OVERLAY_ALPHA = 0.5
@@ -79,11 +79,11 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def resolve_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
+def resolve_threshold(manifest: dict, override: float | None, *, engine_dir: str | Path | None = None) -> tuple[float, str]:
     """The threshold to decide with and where it came from; InputError when there is none."""
     if override is not None:
-        return float(override), "--threshold"
-    value = manifest_threshold(manifest)
+        return check_threshold(override, "--threshold"), "--threshold"
+    value = manifest_threshold(manifest, engine_dir)
     if value is None:
         raise InputError("the engine has no threshold: run `protoad-export calibrate ENGINE_DIR` or pass --threshold")
     return value, f"manifest ({manifest['threshold'].get('method', '?')})"
@@ -106,12 +106,12 @@ def predict(
     from .runtime import fitting_batch, load, preprocessing
 
     out_dir = output_folder(out_dir)
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")  # before any work
     paths = collect_images(items)
     runtime = load(engine_dir, backend, precision, device)
     batch_size = fitting_batch(runtime.manifest, batch_size)
-    value, source = resolve_threshold(runtime.manifest, threshold)
-    if value <= 0:
-        raise InputError(f"threshold must be positive (scores are 1 - cosine), got {value}")
+    value, source = resolve_threshold(runtime.manifest, threshold, engine_dir=engine_dir)
     prep = preprocessing(runtime.manifest)
     for sub in ("heatmaps", "overlays", "masks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """One interface for every backend: ``load(engine_dir, backend)`` -> ``predict(images)``.
 
 All backends take float32 RGB in [0, 1] at the crop size (preprocessing comes from the manifest,
-see :func:`preprocess_paths`) and return ``(anomaly_maps [B, S, S], scores [B])`` as float32 numpy.
+see :func:`preprocess_paths`; PIL images are preprocessed so) and refuse other dtypes, NaN and
+out-of-range values with an InputError; they return ``(anomaly_maps [B, S, S], scores [B])`` as float32 numpy.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Runtime(Protocol):
     manifest: dict
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [B, 3, S, S] in [0, 1] -> (maps float32 [B, S, S], scores float32 [B])."""
+        """float32 [B, 3, S, S] in [0, 1] (or PIL images, preprocessed with the manifest's
+        preprocessing) -> (maps float32 [B, S, S], scores float32 [B]); anything else is an InputError."""
         ...
 
 
@@ -41,11 +43,53 @@ def preprocessing(manifest: dict) -> Preprocessing:
     return Preprocessing.from_dict(manifest["preprocessing"])
 
 
-def _check_input(images: np.ndarray, crop: int) -> np.ndarray:
-    images = np.asarray(images)
+def _pil_batch(images: Sequence, manifest: dict) -> np.ndarray:
+    """PIL images of any size and mode -> the engine's input, preprocessed as the engine was built."""
+    from .images import to_rgb, upright
+
+    prep = preprocessing(manifest)
+    return np.stack([prep.image_array(to_rgb(upright(image))) for image in images])
+
+
+def _check_input(images, manifest: dict) -> np.ndarray:
+    """The network's input as float32 [B, 3, S, S] in [0, 1], or InputError saying what is wrong.
+
+    A PIL image or a list of them (any sizes) is preprocessed with the manifest's preprocessing.
+    Arrays are taken as they are and refused when they could only give a silently wrong answer:
+    another dtype than the graph's float32 (uint8 0-255 would score every part defective), bool,
+    NaN or inf, values outside [0, 1].
+    """
+    from PIL import Image
+
+    crop = int(manifest["preprocessing"]["crop"])
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)) and images and any(isinstance(i, Image.Image) for i in images):
+        if not all(isinstance(i, Image.Image) for i in images):
+            raise InputError("predict() takes one kind of input: PIL images, or float32 arrays, not a mix")
+        return _pil_batch(images, manifest)
+    try:
+        images = np.asarray(images)
+    except ValueError:
+        raise InputError(f"expected float32 images of shape [B, 3, {crop}, {crop}]: the arrays given differ in shape "
+                         "(pass PIL images, which are preprocessed, or use predict_paths)") from None
+    hint = "float32 RGB in [0, 1]"
+    if images.dtype != np.float32:
+        what = "bool" if images.dtype == np.bool_ else str(images.dtype)
+        fix = " (uint8 pixels: divide by 255)" if images.dtype == np.uint8 else ""
+        raise InputError(f"expected {hint} (the graph's input), got {what}{fix}; or pass PIL images or use "
+                         "predict_paths, which preprocess")
     if images.ndim != 4 or images.shape[1:] != (3, crop, crop):
         raise InputError(f"expected images of shape [B, 3, {crop}, {crop}], got {list(images.shape)}")
-    return np.ascontiguousarray(images, dtype=np.float32)
+    if images.size:
+        # min and max propagate NaN, so two passes find NaN, inf and out-of-range values alike.
+        low, high = float(images.min()), float(images.max())
+        if not (0.0 <= low and high <= 1.0):
+            if not np.isfinite(images).all():
+                raise InputError(f"expected {hint}: the images hold NaN or infinite values")
+            raise InputError(f"expected {hint}, got values from {low:.4g} to {high:.4g} (normalisation is done inside "
+                             "the graph: pass plain RGB / 255)")
+    return np.ascontiguousarray(images)
 
 
 def build_torch_network(engine_dir: str | Path, manifest: dict, precision: str = "fp32"):
@@ -105,7 +149,7 @@ class TorchRuntime:
         self._batch = None
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = self.torch.from_numpy(_check_input(images, self.crop)).to(self.device)
+        x = self.torch.from_numpy(_check_input(images, self.manifest)).to(self.device)
         with self.torch.no_grad():
             maps, scores = self.network(x)
         return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
@@ -176,7 +220,7 @@ class OnnxRuntime:
         self.crop = manifest["preprocessing"]["crop"]
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.session.run(["anomaly_map", "score"], {"image": _check_input(images, self.crop)})
+        maps, scores = self.session.run(["anomaly_map", "score"], {"image": _check_input(images, self.manifest)})
         return maps[:, 0].astype(np.float32), scores.astype(np.float32)
 
 

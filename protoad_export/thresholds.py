@@ -168,6 +168,8 @@ def f1_threshold(labels: Sequence[int], scores: Sequence[float]) -> Threshold:
     scores = np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape or labels.ndim != 1:
         raise InputError(f"{labels.size} labels but {scores.size} scores")
+    if not np.isfinite(scores).all():
+        raise InputError("image scores contain NaN or infinite values: no threshold can be chosen")
     if labels.all() or not labels.any():
         raise InputError("an F1 threshold needs both defective and good labelled images")
     distinct = np.unique(scores)
@@ -193,10 +195,32 @@ def f1_threshold(labels: Sequence[int], scores: Sequence[float]) -> Threshold:
 # Engine directories
 
 
-def manifest_threshold(manifest: dict) -> float | None:
-    """The calibrated threshold of an engine directory, or None."""
+def check_threshold(value: object, source: str, *, error: type[Exception] = InputError) -> float:
+    """``value`` as a float when it is finite and positive, else ``error`` naming ``source``.
+
+    Scores are 1 - cosine, >= 0: with a NaN threshold ``score > threshold`` is never true (every
+    part passes), with an infinite or non-positive one the decision is constant.
+    """
+    try:
+        number = float(value) if not isinstance(value, (bool, str)) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise error(f"{source}: the threshold must be a finite positive number (scores are 1 - cosine), got {value!r}")
+    return number
+
+
+def manifest_threshold(manifest: dict, engine_dir: str | Path | None = None) -> float | None:
+    """The calibrated threshold of an engine directory, or None; ArtifactError when it is not a
+    finite positive number (a hand-edited or damaged manifest)."""
     entry = manifest.get("threshold")
-    return float(entry["value"]) if isinstance(entry, dict) and "value" in entry else None
+    if not (isinstance(entry, dict) and "value" in entry):
+        return None
+    where = f"{Path(engine_dir) / 'manifest.json'}" if engine_dir is not None else "manifest.json"
+    try:
+        return check_threshold(entry["value"], where, error=ArtifactError)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}: re-run calibrate") from None
 
 
 def calibrate(
@@ -232,5 +256,6 @@ def calibrate(
         preds = predict_paths(runtime, [s.path for s in samples], batch_size, progress)
         threshold = f1_threshold([s.label for s in samples], preds.scores)
         threshold.details.update(source=str(Path(data).resolve()), backend=backend)
+    check_threshold(threshold.value, f"calibrated on {threshold.details.get('source', 'the hold-out')}")
     add_files_to_manifest(engine_dir, [], {"threshold": threshold.to_dict()})
     return threshold
