@@ -8,6 +8,8 @@ staging directory and swaps it in as a whole at the end (see :func:`commit_direc
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -81,8 +83,68 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_path(final_dir: str | os.PathLike) -> Path:
+    """The hidden lock file beside ``final_dir`` that a build of that name holds (``.NAME.lock``)."""
+    final_dir = Path(final_dir)
+    return final_dir.with_name(f".{final_dir.name}.lock")
+
+
+def _try_lock(path: Path) -> int | None:
+    """Open and ``flock`` ``path`` without waiting: the descriptor, or None when another process holds it.
+
+    A lock file is only ever unlinked by a holder of its lock, so after locking, the path must
+    still name the file locked; if a holder removed it meanwhile, the lock is on a dead file and
+    the attempt starts over on the new one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def build_lock(final_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock on the name ``final_dir`` for a build, or raise InputError at once when another
+    process holds it (two builds of one name would otherwise both succeed and the last would win).
+
+    The lock file is removed on the way out (a build killed with SIGKILL leaves it; the next build
+    of the name takes it over and removes it).
+    """
+    path = lock_path(final_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _try_lock(path)
+    if fd is None:
+        try:
+            holder = path.read_text().strip()
+        except OSError:
+            holder = ""
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise InputError(f"another build of {final_dir} is running{by}: wait for it to finish or choose another --name")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
 def remove_stale_work(final_dir: str | os.PathLike) -> list[Path]:
-    """Remove staging and scratch folders that killed builds of ``final_dir`` left behind.
+    """Remove staging and scratch folders that killed builds of ``final_dir`` left behind, and a
+    lock file that nobody holds.
 
     Their names carry the builder's pid, so the folders of a build still running are kept.
     """
@@ -90,6 +152,13 @@ def remove_stale_work(final_dir: str | os.PathLike) -> list[Path]:
     removed = []
     if not final_dir.parent.is_dir():
         return removed
+    lock = lock_path(final_dir)
+    if lock.is_file():
+        fd = _try_lock(lock)  # refused while a build (this one included) holds it
+        if fd is not None:
+            lock.unlink()
+            os.close(fd)
+            removed.append(lock)
     for path in final_dir.parent.glob(f".{final_dir.name}.*"):
         parts = path.name[len(final_dir.name) + 2 :].split(".")
         if path.is_dir() and parts and parts[0].isdigit() and parts[-1] in ("staging", "scratch"):
@@ -124,13 +193,68 @@ def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
+def _bundle_entries(manifest: dict[str, Any]) -> set[str]:
+    """The names a bundle may hold: its manifest, the files it lists and the TensorRT timing cache."""
+    names = {MANIFEST_NAME, *manifest.get("files", {})}
+    tensorrt = manifest.get("tensorrt")
+    if isinstance(tensorrt, dict) and isinstance(tensorrt.get("timing_cache"), str):
+        names.add(tensorrt["timing_cache"])
+    return names
+
+
+def replaceable_bundle(final_dir: str | os.PathLike, data: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """Check that a build may write ``final_dir``: None when nothing is there, the old manifest when
+    it is a bundle of this tool holding only its own files; otherwise InputError, nothing touched.
+
+    A build replaces the folder as a whole, so anything else there (a data folder, a file, a
+    symbolic link, a bundle with files added by hand) would be lost: it is refused instead. ``data``
+    (the build's images) may be neither the folder nor inside it.
+    """
+    final_dir = Path(final_dir)
+    if data is not None:
+        target, source = final_dir.resolve(), Path(data).resolve()
+        if source == target or target in source.parents:
+            raise InputError(f"{final_dir} is the data folder {data} (or holds it): a build would replace it; "
+                             "choose another --out or --name")
+    if not final_dir.exists() and not final_dir.is_symlink():
+        return None
+    refuse = f"{final_dir} exists and is not a protoad-export bundle"
+    if final_dir.is_symlink():
+        raise InputError(f"{final_dir} is a symbolic link: a build will not replace it; choose another --name")
+    if not final_dir.is_dir():
+        raise InputError(f"{refuse} (it is a file): a build will not replace it; choose another --name")
+    try:
+        manifest = json.loads((final_dir / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("tool") != "protoad-export":
+        raise InputError(f"{refuse} (no protoad-export {MANIFEST_NAME}): a build will not replace it; "
+                         "choose another --out or --name")
+    # Leftover temporary files of an interrupted atomic write are the tool's own, hidden and *.tmp.
+    foreign = sorted(p.name for p in final_dir.iterdir()
+                     if p.name not in _bundle_entries(manifest) and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"{final_dir} holds files its manifest does not list ({listed}): a build would delete "
+                         "them; move them out or choose another --name")
+    return manifest
+
+
 def staging_directory(final_dir: str | os.PathLike, kind: str = "staging") -> Path:
     """A fresh hidden directory beside ``final_dir`` (``kind``: staging for the new engine
-    directory, scratch for temporary features). Stale ones from killed builds are removed first."""
+    directory, scratch for temporary features). Stale ones from killed builds are removed first.
+
+    The staging directory becomes the bundle, so it gets the mode ``mkdir`` would give under the
+    umask (``mkdtemp`` makes 0700, which other accounts, such as an inference service, cannot read);
+    scratch stays private.
+    """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work(final_dir)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.{os.getpid()}.", suffix=f".{kind}", dir=final_dir.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.{os.getpid()}.", suffix=f".{kind}", dir=final_dir.parent))
+    if kind == "staging":
+        os.chmod(path, 0o777 & ~_umask())
+    return path
 
 
 def commit_directory(staging: Path, final_dir: str | os.PathLike) -> None:
@@ -141,6 +265,7 @@ def commit_directory(staging: Path, final_dir: str | os.PathLike) -> None:
     between the two renames, the old one beside it under a ``.old`` name, which a loader reports).
     """
     final_dir = Path(final_dir)
+    replaceable_bundle(final_dir)  # again at the swap: something may have been put there meanwhile
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.{os.getpid()}.old")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError, InputError
@@ -79,25 +80,32 @@ class InputContract:
     def check(self, inputs) -> np.ndarray:
         """The caller's batch as a contiguous array of the graph's dtype, or one line saying why not.
 
-        Refused rather than converted: another dtype (uint8 pixels in a float graph make every
-        part exceed the threshold), bool, another shape, and for float inputs any non-finite value
-        or one outside [0, 1] (a NaN passes a threshold test as "good").
+        Refused rather than converted, because each would be scored silently wrong: another dtype
+        (uint8 pixels in the float graph make every part defective), bool, another shape, and for
+        the float graph any NaN or inf (``score > threshold`` is false for NaN) or value outside [0, 1].
         """
-        if isinstance(inputs, (list, tuple)) and inputs and not isinstance(inputs[0], np.ndarray):
-            raise InputError(f"expected a numpy array {self.describe()}, got a list of {type(inputs[0]).__name__}: "
-                             "use runtime.predict_images for PIL images or predict_paths for files")
-        array = np.asarray(inputs)
+        try:
+            array = np.asarray(inputs)
+        except ValueError:
+            raise InputError(f"expected {self.describe()}: the arrays given differ in shape "
+                             "(pass PIL images, which are preprocessed, or use predict_paths)") from None
         if array.dtype != self.dtype:
-            hint = " (divide uint8 pixels by 255)" if self.kind == "tensor" and array.dtype == np.uint8 else ""
-            raise InputError(f"expected {self.describe()}, got dtype {array.dtype}{hint}")
+            what = "bool" if array.dtype == np.bool_ else str(array.dtype)
+            if self.kind == "tensor":
+                fix = " (uint8 pixels: divide by 255)" if array.dtype == np.uint8 else ""
+                raise InputError(f"expected float32 RGB in [0, 1] (the graph's input), got {what}{fix}; or pass PIL "
+                                 "images or use predict_paths, which preprocess")
+            raise InputError(f"expected {self.describe()} (the graph's input), got {what}")
         if array.ndim != 4 or array.shape[1:] != self.shape()[1:] or len(array) == 0:
             raise InputError(f"expected {self.describe()}, got shape {list(array.shape)}")
         if self.kind == "tensor":
-            if not np.isfinite(array).all():
-                raise InputError("input holds NaN or infinite values: refused, not scored")
+            # min and max propagate NaN, so two passes find NaN, inf and out-of-range values alike.
             low, high = float(array.min()), float(array.max())
-            if low < 0.0 or high > 1.0:
-                raise InputError(f"input values must lie in [0, 1], got {low:g} to {high:g}")
+            if not (0.0 <= low and high <= 1.0):
+                if not np.isfinite(array).all():
+                    raise InputError("expected float32 RGB in [0, 1]: the images hold NaN or infinite values")
+                raise InputError(f"expected float32 RGB in [0, 1], got values from {low:.4g} to {high:.4g} "
+                                 "(normalisation is done inside the graph: pass plain RGB / 255)")
         return np.ascontiguousarray(array)
 
     def from_pixels(self, pixels: np.ndarray, prep, source: str | Path = "image") -> np.ndarray:
@@ -129,26 +137,29 @@ def output_shapes(contract: InputContract, batch: int | str = "B") -> dict[str, 
 
 
 
-def checked_threshold(value, what: str = "threshold") -> float:
-    """``value`` as a finite, positive float, or one line naming ``what`` (a NaN threshold would
-    pass every part: ``score > nan`` is always false)."""
+def check_threshold(value: object, source: str, *, error: type[Exception] = InputError) -> float:
+    """``value`` as a float when it is finite and positive, else ``error`` naming ``source``.
+
+    Scores are 1 - cosine, >= 0: with a NaN threshold ``score > threshold`` is never true (every
+    part passes), with an infinite or non-positive one the decision is constant.
+    """
     try:
-        number = float(value)
+        number = float(value) if not isinstance(value, (bool, str)) else math.nan
     except (TypeError, ValueError):
-        raise InputError(f"{what} {value!r} is not a number") from None
-    if not math.isfinite(number) or number <= 0:
-        raise InputError(f"{what} must be finite and positive, got {value!r}")
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise error(f"{source}: the threshold must be a finite positive number (scores are 1 - cosine), got {value!r}")
     return number
 
 
-def manifest_threshold(manifest: dict) -> float | None:
-    """The bundle's calibrated threshold (``threshold.value`` in the manifest), or None."""
+def manifest_threshold(manifest: dict, bundle_dir: str | Path | None = None) -> float | None:
+    """The bundle's calibrated threshold, or None; ArtifactError when it is not a finite positive
+    number (a hand-edited or damaged manifest)."""
     entry = manifest.get("threshold")
-    if entry is None:
+    if not (isinstance(entry, dict) and "value" in entry):
         return None
-    if not isinstance(entry, dict) or "value" not in entry:
-        raise ArtifactError(f"manifest threshold entry {entry!r} has no value")
+    where = f"{Path(bundle_dir) / 'manifest.json'}" if bundle_dir is not None else "manifest.json"
     try:
-        return checked_threshold(entry["value"], "manifest threshold")
-    except InputError as exc:
-        raise ArtifactError(str(exc)) from None
+        return check_threshold(entry["value"], where, error=ArtifactError)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}: re-run calibrate") from None

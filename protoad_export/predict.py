@@ -32,7 +32,7 @@ from .bundle import atomic_path, atomic_write_bytes, atomic_write_json, output_f
 from .errors import InputError
 from .data.images import load_image
 from .data.datasets import collect_images
-from .contract import DECISION_RULE, checked_threshold, manifest_threshold
+from .contract import DECISION_RULE, check_threshold, manifest_threshold
 
 HEATMAP_SCALE = 2.0  # the colour scale runs from 0 to this times the threshold
 OVERLAY_ALPHA = 0.5
@@ -84,11 +84,11 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def resolve_threshold(manifest: dict, override: float | None) -> tuple[float, str]:
+def resolve_threshold(manifest: dict, override: float | None, *, bundle_dir: str | Path | None = None) -> tuple[float, str]:
     """The threshold to decide with and where it came from; InputError when there is none."""
     if override is not None:
-        return checked_threshold(override, "threshold"), "threshold option"
-    value = manifest_threshold(manifest)
+        return check_threshold(override, "--threshold"), "--threshold"
+    value = manifest_threshold(manifest, bundle_dir)
     if value is None:
         raise InputError("the engine has no threshold: run `protoad-export calibrate ENGINE_DIR` or pass --threshold")
     return value, f"manifest ({manifest['threshold'].get('method', '?')})"
@@ -110,9 +110,13 @@ def predict(
     from .runtime import load, predict_paths
 
     out_dir = output_folder(out_dir)
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")  # before any work
     paths = collect_images(items)
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")  # before any work
     runtime = load(bundle_dir, backend, precision=precision, device=device)
-    value, source = resolve_threshold(runtime.manifest, threshold)
+    value, source = resolve_threshold(runtime.manifest, threshold, bundle_dir=bundle_dir)
     prep = runtime.preprocessing
     for sub in ("heatmaps", "overlays", "masks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)

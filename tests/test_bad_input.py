@@ -259,3 +259,200 @@ def test_a_build_without_the_memory_for_finch_is_one_line_before_the_features(tm
     assert len(errors) == 1 and errors[0].startswith("error: FINCH on ") and "GiB of memory, 0.1 GiB is available: " in errors[0]
     assert "Traceback" not in result.output
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing of the user's is lost; nothing silently wrong (issue 17)
+
+TINY = ["--backbone", "efficientnet_lite0", "--crop", "64", "--resize", "80", "--quiet"]
+
+
+def _six_images(folder: Path) -> Path:
+    for i in range(6):
+        write_image(folder / f"{i}.png", size=(96, 80), seed=i)
+    return folder
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_error(result) -> str:
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_build_replaces_only_a_bundle_of_its_own(tmp_path, monkeypatch):
+    """`cd victim && build parts --out . --name parts` wiped the training images and exited 0. Now a
+    build refuses, before any work and touching nothing, a --out/--name that is the data folder, a
+    folder without a protoad-export manifest, a file, a symbolic link, or a bundle holding files
+    its manifest does not list."""
+    import protoad_export.build.pipeline as builder
+
+    victim = tmp_path / "victim"
+    parts = _six_images(victim / "parts")
+    (parts / "notes.txt").write_text("mine")
+    (victim / "folder").mkdir()
+    (victim / "folder" / "report.txt").write_text("mine")
+    (victim / "a_file").write_text("mine")
+    (victim / "link").symlink_to(victim / "folder")
+    bundle = victim / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"tool": "protoad-export", "schema_version": 1, "files": {}}))
+    (bundle / "notes.txt").write_text("mine")
+    before = _tree(victim)
+    monkeypatch.setattr(builder, "load_backbone", lambda *a, **k: pytest.fail("the build started"))
+    cases = {
+        "parts": f"error: {victim / 'parts'} is the data folder {parts} (or holds it): a build would replace it; "
+                 "choose another --out or --name",
+        "folder": f"error: {victim / 'folder'} exists and is not a protoad-export bundle (no protoad-export manifest.json): "
+                  "a build will not replace it; choose another --out or --name",
+        "a_file": f"error: {victim / 'a_file'} exists and is not a protoad-export bundle (it is a file): "
+                  "a build will not replace it; choose another --name",
+        "link": f"error: {victim / 'link'} is a symbolic link: a build will not replace it; choose another --name",
+        "bundle": f"error: {bundle} holds files its manifest does not list (notes.txt): a build would delete them; "
+                  "move them out or choose another --name",
+    }
+    for name, message in cases.items():
+        result = CliRunner().invoke(main, ["build", str(parts), "--out", str(victim), "--name", name, *TINY])
+        assert result.exit_code == 2, (name, result.output)
+        assert _one_error(result) == message
+        assert _tree(victim) == before, name  # nothing moved aside, nothing removed, no lock file left
+
+
+def test_commit_refuses_what_appeared_during_the_build(tmp_path):
+    """The swap checks again: a folder put under the final name while the build ran is not replaced."""
+    from protoad_export.bundle import commit_directory, staging_directory
+    from protoad_export.errors import InputError
+
+    final = tmp_path / "e"
+    staging = staging_directory(final)
+    final.mkdir()
+    (final / "photo.png").write_text("mine")
+    with pytest.raises(InputError, match="not a protoad-export bundle"):
+        commit_directory(staging, final)
+    assert (final / "photo.png").read_text() == "mine" and not list(tmp_path.glob(".e.*.old"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_a_threshold_that_is_not_finite_and_positive_is_refused(small_engine, small_category, tmp_path, value):
+    """`predict --threshold nan` gave "0 defective" and wrote "threshold": NaN; a NaN in the manifest
+    did the same. Both are one line now, before any image is read."""
+    import shutil
+
+    good = small_category / "test" / "good"
+    result = CliRunner().invoke(main, ["predict", str(small_engine), str(good), "--out", str(tmp_path / "p"),
+                                       "--threshold", value])
+    assert result.exit_code == 2, result.output
+    assert _one_error(result) == (f"error: --threshold: the threshold must be a finite positive number "
+                                  f"(scores are 1 - cosine), got {float(value)!r}")
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+    engine = shutil.copytree(small_engine, tmp_path / "eng")
+    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest["threshold"] = {"value": float(value), "method": "frr"}
+    (engine / "manifest.json").write_text(json.dumps(manifest))  # json writes NaN and Infinity
+    result = CliRunner().invoke(main, ["predict", str(engine), str(good), "--out", str(tmp_path / "q")])
+    assert result.exit_code == 3, result.output
+    assert _one_error(result) == (f"error: {engine / 'manifest.json'}: the threshold must be a finite positive number "
+                                  f"(scores are 1 - cosine), got {float(value)!r}: re-run calibrate")
+    assert not (tmp_path / "q" / "results.json").exists()
+
+
+def test_weights_full_of_nan_stop_the_build_at_the_features(tmp_path):
+    """resnet18 weights of NaN built a "successful" engine whose scores were NaN: every part "good"."""
+    import torchvision
+
+    weights = tmp_path / "nan.pth"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}, weights)
+    data = _six_images(tmp_path / "data")
+    result = CliRunner().invoke(main, ["build", str(data), "--name", "x", "--out", str(tmp_path / "engines"),
+                                       "--backbone", "resnet18", "--weights", str(weights), "--crop", "64",
+                                       "--resize", "80", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert _one_error(result) == ("error: [1/4] features: the backbone gives NaN or infinite features (first: 0.png): "
+                                  "check the weights (--weights); nothing was written")
+    assert not any((tmp_path / "engines").iterdir())
+
+
+@pytest.mark.parametrize("stage", ["prototypes", "hold-out scores"])
+def test_non_finite_prototypes_or_holdout_scores_stop_the_build(tmp_path, monkeypatch, stage):
+    import protoad_export.build.pipeline as builder
+
+    if stage == "prototypes":
+        fit_prototypes = builder.fit_prototypes
+
+        def poisoned(*args, **kwargs):
+            fit = fit_prototypes(*args, **kwargs)
+            fit.prototypes[0, 0] = np.nan
+            return fit
+
+        monkeypatch.setattr(builder, "fit_prototypes", poisoned)
+    else:
+        score_holdout = builder.score_holdout
+        monkeypatch.setattr(builder, "score_holdout", lambda *a, **k: {**score_holdout(*a, **k), "scores": [np.inf]})
+    data = _six_images(tmp_path / "data")
+    write_image(data / "6.png", size=(96, 80), seed=6)  # 7 images: one is held out
+    result = CliRunner().invoke(main, ["build", str(data), "--name", "x", "--out", str(tmp_path / "engines"), *TINY])
+    assert result.exit_code == 2, result.output
+    expected = {"prototypes": "error: [2/4] prototypes: 1 of ",
+                "hold-out scores": "error: hold-out scores: 1 of 1 values are NaN or infinite (the network gives no usable "
+                                   "scores: check --weights); nothing was written"}[stage]
+    assert _one_error(result).startswith(expected)
+    assert not any((tmp_path / "engines").iterdir())
+
+
+def test_a_second_build_of_a_name_stops_at_once(tmp_path, monkeypatch):
+    """Two builds of one name at once both exited 0 and the last won; the second now stops with one
+    line before any work while the first holds the name's lock."""
+    import os
+
+    import protoad_export.build.pipeline as builder
+    from protoad_export.bundle import build_lock, lock_path, remove_stale_work
+
+    data = _six_images(tmp_path / "data")
+    engines = tmp_path / "engines"
+    monkeypatch.setattr(builder, "load_backbone", lambda *a, **k: pytest.fail("the second build started"))
+    with build_lock(engines / "x"):
+        result = CliRunner().invoke(main, ["build", str(data), "--name", "x", "--out", str(engines), *TINY])
+        assert result.exit_code == 2, result.output
+        assert _one_error(result) == (f"error: another build of {engines / 'x'} is running (pid {os.getpid()}): "
+                                      "wait for it to finish or choose another --name")
+        assert remove_stale_work(engines / "x") == [] and lock_path(engines / "x").exists()  # held: kept
+    assert not lock_path(engines / "x").exists()
+    # A lock file a killed build left is nobody's: taken over and removed.
+    lock_path(engines / "x").write_text("12345\n")
+    assert remove_stale_work(engines / "x") == [lock_path(engines / "x")]
+
+
+def test_rebuilding_a_calibrated_engine_says_the_threshold_is_lost_and_honours_the_umask(tmp_path):
+    """A rebuild of a name silently dropped its calibrated threshold; the bundle was created 0700
+    whatever the umask, so an inference service of another account could not open it."""
+    import os
+    import stat
+
+    from protoad_export.evaluation.thresholds import calibrate
+
+    data = _six_images(tmp_path / "data")
+    write_image(data / "6.png", size=(96, 80), seed=6)
+    engines = tmp_path / "engines"
+    args = ["build", str(data), "--name", "x", "--out", str(engines), *TINY]
+    old_umask = os.umask(0o002)
+    try:
+        first = CliRunner().invoke(main, args)
+        assert first.exit_code == 0, first.output
+        assert "replacing engine" not in first.output
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [engines / "x", *(engines / "x").iterdir()]}
+        assert modes == {"x": 0o775, **{p.name: 0o664 for p in (engines / "x").iterdir()}}
+        t = calibrate(engines / "x", target_frr=0.01)
+        second = CliRunner().invoke(main, args)
+    finally:
+        os.umask(old_umask)
+    assert second.exit_code == 0, second.output
+    assert f"warning: replacing engine x (threshold {t.value:.6g} will be lost; re-run calibrate)" in second.output.splitlines()
+    assert "threshold" not in read_manifest(engines / "x")
+    assert sorted(p.name for p in engines.iterdir()) == ["x"]  # no lock file, staging or .old left

@@ -168,3 +168,34 @@ def test_valid_mask_marks_the_letterbox_padding():
     drawn = prep.image_array(Image.new("RGB", (600, 200), (255, 255, 255)))[0] > 0.5
     assert (valid == drawn).all() and 0 < valid.mean() < 0.5
     assert Preprocessing(mode="squash").valid_mask(600, 200).all()
+
+
+def _exif_pair(tmp_path, orientation: int, transpose, mode: str = "RGB"):
+    """An upright picture, and the same picture stored as a sideways camera does: the pixels
+    turned and an EXIF orientation tag that turns them back (lossless PNG, so they compare exactly)."""
+    rng = np.random.default_rng(orientation)
+    upright = Image.fromarray((rng.random((40, 60, 3)) * 255).astype(np.uint8), "RGB").convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright.save(tmp_path / f"upright_{orientation}.png")
+    upright.transpose(transpose).save(tmp_path / f"tagged_{orientation}.png", exif=exif)
+    return tmp_path / f"upright_{orientation}.png", tmp_path / f"tagged_{orientation}.png"
+
+
+@pytest.mark.parametrize("orientation,transpose", [
+    (3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270),
+    (2, Image.Transpose.FLIP_LEFT_RIGHT),
+])
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path, orientation, transpose):
+    """The same picture stored sideways with its orientation tag is read exactly as the upright one,
+    by the one loader every command uses; its size (mask geometry, aspect warning) is the upright one's."""
+    from protoad_export.data.images import image_size, load_batch, load_mask
+
+    upright, tagged = _exif_pair(tmp_path, orientation, transpose)
+    np.testing.assert_array_equal(np.asarray(load_image(tagged)), np.asarray(load_image(upright)))
+    assert image_size(tagged) == image_size(upright) == (60, 40)
+    prep = Preprocessing(resize=48, crop=32)
+    np.testing.assert_array_equal(load_batch([tagged], prep), load_batch([upright], prep))
+    (tmp_path / "masks").mkdir()
+    mask_upright, mask_tagged = _exif_pair(tmp_path / "masks", orientation, transpose, "L")
+    np.testing.assert_array_equal(np.asarray(load_mask(mask_tagged)), np.asarray(load_mask(mask_upright)))

@@ -99,3 +99,61 @@ def test_batches_are_cut_to_the_similarity_budget():
     legacy = manifest(51_361)
     del legacy["prototypes"]["chunk"]
     assert fitting_batch(legacy, 8) == SIMILARITY_BUDGET_BYTES // (51_361 * 56 * 56 * 4) < 8
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_out_of_range_and_non_finite_input_is_refused(small_engine, real_batch, torch_fp32, backend):
+    """Input the graph would score silently wrong: uint8 0-255 (every part defective), other dtypes,
+    bool, values outside [0, 1] and NaN or inf. One InputError saying what is expected."""
+    rt = torch_fp32 if backend == "torch" else load(small_engine, "onnxruntime")
+    _paths, images = real_batch
+    x = images[:2]
+    cases = {
+        "uint8": ((x * 255).astype(np.uint8), r"expected float32 RGB in \[0, 1\] \(the graph's input\), got uint8 \(uint8 pixels: divide by 255\)"),
+        "float64": (x.astype(np.float64), "got float64"),
+        "bool": (x > 0.5, "got bool"),
+        "x10": (x * 10, r"in \[0, 1\], got values from [\d.]+ to [\d.]+ \(normalisation is done inside the graph"),
+        "[-1, 1]": (x * 2 - 1, r"got values from -[\d.]+ to"),
+        "nan": (np.where(x > 0.5, np.nan, x).astype(np.float32), "NaN or infinite"),
+        "inf": (np.where(x > 0.5, np.inf, x).astype(np.float32), "NaN or infinite"),
+    }
+    for name, (bad, match) in cases.items():
+        with pytest.raises(InputError, match=match):
+            rt.predict(bad)
+    with pytest.raises(InputError, match="differ in shape"):
+        rt.predict([x[0], x[0, :, :10]])
+
+
+def test_pil_images_of_any_size_are_preprocessed_like_files(small_engine, real_batch, torch_fp32):
+    """A list of PIL images of different sizes (a raw numpy error before) is preprocessed with the
+    engine's own preprocessing, as files are."""
+    from PIL import Image
+
+    from protoad_export.runtime import preprocessing
+
+    paths, images = real_batch
+    pictures = [Image.open(p) for p in paths[:3]]
+    pictures[1] = pictures[1].convert("RGB").resize((pictures[1].width // 2, pictures[1].height))  # another size
+    expected = np.stack([images[0], preprocessing(torch_fp32.manifest).image_array(pictures[1]), images[2]])
+    maps, scores = torch_fp32.predict(pictures)
+    ref_maps, ref_scores = torch_fp32.predict(expected)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-6)
+    np.testing.assert_allclose(maps, ref_maps, atol=1e-6)
+    with pytest.raises(InputError, match="not a mix"):
+        torch_fp32.predict([pictures[0], images[0]])
+
+
+def test_a_picture_with_an_exif_orientation_scores_as_upright(small_engine, real_batch, torch_fp32, tmp_path):
+    """The same real picture stored turned with orientation tag 6 scores as the upright one (it scored
+    0.575 against 0.435 when the tag was ignored)."""
+    from PIL import Image
+
+    paths, _images = real_batch
+    upright = Image.open(paths[3]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.save(tmp_path / "upright.png")
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "tagged.png", exif=exif)
+    pred = predict_paths(torch_fp32, [tmp_path / "upright.png", tmp_path / "tagged.png"])
+    assert pred.scores[0] == pytest.approx(pred.scores[1], abs=1e-6)
+    np.testing.assert_allclose(pred.maps[0], pred.maps[1], atol=1e-6)

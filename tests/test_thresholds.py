@@ -13,7 +13,8 @@ from protoad_export.build.pipeline import BuildConfig
 from protoad_export.errors import ArtifactError, InputError
 from protoad_export.contract import manifest_threshold
 from protoad_export.data.datasets import evenly_spaced
-from protoad_export.evaluation.thresholds import calibrate, f1_threshold, frr_threshold, split_holdout
+from protoad_export.build.holdout import split_holdout
+from protoad_export.evaluation.thresholds import calibrate, f1_threshold, frr_threshold
 
 
 def test_split_holdout_is_deterministic_disjoint_and_spread():
@@ -153,3 +154,15 @@ def test_calibrate_cli_with_data_chooses_f1(small_engine, small_category, tmp_pa
     m = json.loads((engine / "manifest.json").read_text())
     assert m["threshold"]["method"] == "f1" and 0 < m["threshold"]["details"]["f1"] <= 1
     assert "F1" in result.output
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 0.0, -0.2, True, "0.3", None])
+def test_every_threshold_must_be_finite_and_positive(value):
+    """A NaN threshold passes every part (score > NaN is never true); inf, 0 or less decide nothing."""
+    from protoad_export.evaluation.thresholds import check_threshold
+
+    with pytest.raises(InputError, match=r"--threshold: the threshold must be a finite positive number"):
+        check_threshold(value, "--threshold")
+    with pytest.raises(ArtifactError, match=r"e/manifest.json: the threshold must be a finite positive number .*: re-run calibrate"):
+        manifest_threshold({"threshold": {"value": value}}, "e")
+    assert check_threshold(0.25, "--threshold") == manifest_threshold({"threshold": {"value": 0.25}}) == 0.25

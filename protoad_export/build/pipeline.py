@@ -8,10 +8,12 @@ engine directory of the same name untouched.
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import resource
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -23,7 +25,8 @@ import onnx
 import torch
 
 from .. import __version__
-from ..bundle import atomic_path, commit_directory, output_folder, staging_directory, write_manifest
+from ..bundle import (atomic_path, build_lock, commit_directory, output_folder, read_manifest, replaceable_bundle,
+                      staging_directory, write_manifest)
 from ..model.backbones import get_spec, load_backbone
 from ..errors import InputError
 from ..model.features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
@@ -31,12 +34,15 @@ from ..clustering.finch import searches_on_cpu
 from ..data.images import Preprocessing, image_size
 from ..data.datasets import is_mvtec_category, training_images
 from ..model.network import ProtoADNetwork, patch_grid
-from ..contract import InputContract
+from ..contract import DECISION_RULE, InputContract, output_shapes
 from ..export.onnx import inspect_graph, export_onnx
 from ..clustering.prototypes import fit_prototypes, near_miss, sample_rows
-from ..options import ALIGN_MODES, DEFAULT_MAX_PROTOTYPES, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK, similarity_batch
+from ..model.frames import FrameInput, FrameNetwork
+from ..options import (ALIGN_MODES, CHANNEL_ORDERS, DEFAULT_BACKBONE, DEFAULT_BATCH_PROFILE, DEFAULT_HOLDOUT,
+                       DEFAULT_MAX_PROTOTYPES, DEVICES, INPUT_KINDS, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK,
+                       similarity_batch)
 from .resources import check_build_resources, engine_file_bytes
-from ..evaluation.thresholds import empty_holdout_reason, score_holdout, split_holdout
+from .holdout import empty_holdout_reason, score_holdout, split_holdout
 
 MIN_TRAIN_IMAGES = 5
 MAX_UPSCALE = 4.0  # a median upscaling above this is warned about (_warn_if_upscaling)
@@ -48,12 +54,12 @@ ONNX_FILES = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx"}
 MAX_NAME_BYTES = 200
 
 
-def check_engine_name(name: str) -> None:
-    """InputError unless ``name`` can be an engine folder beside its hidden staging folders."""
+def check_bundle_name(name: str) -> None:
+    """InputError unless ``name`` can be a bundle folder beside its hidden staging folders."""
     if not name or "/" in name or name.startswith("."):
-        raise InputError(f"engine name must be a plain folder name, got {name!r}")
+        raise InputError(f"bundle name must be a plain folder name, got {name!r}")
     if len(name.encode()) > MAX_NAME_BYTES:
-        raise InputError(f"engine name is {len(name.encode())} bytes long; at most {MAX_NAME_BYTES} are allowed")
+        raise InputError(f"bundle name is {len(name.encode())} bytes long; at most {MAX_NAME_BYTES} are allowed")
 
 
 def parse_batch_profile(text: str) -> tuple[int, int, int]:
@@ -71,19 +77,22 @@ def parse_batch_profile(text: str) -> tuple[int, int, int]:
 class BuildConfig:
     """Every option of a build, validated on construction (scikit-learn style: fail early, say why)."""
 
-    backbone: str = "wide_resnet50_2"
+    backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     max_prototypes: int = DEFAULT_MAX_PROTOTYPES
-    align: str = "bilinear"
+    align: str = ALIGN_MODES[0]
     normalize_prototypes: bool = True  # measured better on every metric (benchmarks/RESULTS.md)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    device: str = "auto"
-    batch_profile: tuple[int, int, int] = (1, 8, 32)
+    device: str = DEVICES[0]
+    batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE
     batch_size: int = 16
-    neighbours: str = "auto"
+    neighbours: str = NEIGHBOUR_METHODS[0]
     max_train_patches: int | None = None  # off: cluster every patch; else a seeded uniform sample
-    holdout: float = 0.1  # share of normal images kept back for threshold calibration
+    holdout: float = DEFAULT_HOLDOUT  # share of normal images kept back for threshold calibration
     prototype_chunk: int = PROTOTYPE_CHUNK  # prototypes per conv of the graph (network.py)
+    input: str = INPUT_KINDS[0]  # "frames": uint8 camera frames, preprocessing in the graph; "tensor"
+    input_size: tuple[int, int] | None = None  # (width, height) of the frames; None: the images' own
+    channel_order: str = CHANNEL_ORDERS[0]
 
     def __post_init__(self) -> None:
         get_spec(self.backbone)
@@ -109,13 +118,28 @@ class BuildConfig:
         lo, opt, hi = self.batch_profile
         if not 1 <= lo <= opt <= hi:
             raise InputError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
+        if self.device not in DEVICES:
+            raise InputError(f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.input not in INPUT_KINDS:
+            raise InputError(f"unknown input {self.input!r}: choose one of {', '.join(INPUT_KINDS)}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise InputError(f"unknown channel order {self.channel_order!r}: choose one of {', '.join(CHANNEL_ORDERS)}")
+        if self.input_size is not None:
+            if self.input != "frames":
+                raise InputError("input_size is the camera frame's size: it needs input 'frames'")
+            if len(self.input_size) != 2 or not all(isinstance(v, int) and 1 <= v <= 30_000 for v in self.input_size):
+                raise InputError(f"input size must be (width, height) in pixels, got {self.input_size!r}")
 
 
 @dataclass
 class BuildResult:
-    engine_dir: Path
+    """A finished build: the bundle's folder, its manifest, its input contract and the FP32 network
+    (``ProtoADNetwork``, behind ``FrameInput`` for a frames bundle)."""
+
+    bundle_dir: Path
     manifest: dict
-    network: ProtoADNetwork
+    contract: InputContract
+    network: torch.nn.Module
 
 
 def _versions() -> dict[str, str]:
@@ -169,19 +193,56 @@ def _warn_if_upscaling(sizes: list[tuple[int, int]], prep: Preprocessing, log: C
             f"input: small defects are blurred over many patches; a smaller --crop and --resize (at least 32) fit them better")
 
 
-def build(
-    data: str | Path,
-    name: str,
-    out: str | Path = "engines",
-    config: BuildConfig | None = None,
-    log: Callable[[str], None] | None = print,
-    progress: bool = True,
-) -> BuildResult:
-    """Fit prototypes on the normal images in ``data`` and write ``out/name`` (see README: artifacts)."""
-    config = config or BuildConfig()
-    log = log or (lambda _msg: None)
-    check_engine_name(name)
-    output_folder(out)
+def _replacing_message(name: str, old: dict) -> str:
+    """What a rebuild of ``name`` loses: a threshold is calibrated on the old prototypes' score scale."""
+    threshold = old.get("threshold")
+    value = threshold.get("value") if isinstance(threshold, dict) else None
+    if isinstance(value, (int, float)):
+        return f"warning: replacing bundle {name} (threshold {value:.6g} will be lost; re-run calibrate)"
+    return f"replacing bundle {name}"
+
+
+def _check_finite(values: np.ndarray, stage: str, remedy: str) -> None:
+    """Stop a build whose ``stage`` produced NaN or infinite values: such a bundle would pass every part."""
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputError(f"{stage}: {bad:,} of {np.size(values):,} values are NaN or infinite ({remedy}); nothing was written")
+
+
+def frame_size(paths: list[Path]) -> tuple[int, int]:
+    """The one (width, height) every training image has; InputError listing the sizes otherwise."""
+    sizes = Counter()
+    for path in paths:
+        try:
+            sizes[image_size(path)] += 1
+        except InputError:
+            continue  # reported with the other unreadable files during feature extraction
+    if len(sizes) == 1:
+        return next(iter(sizes))
+    seen = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(3))
+    raise InputError(f"the training images have {len(sizes)} different sizes ({seen}{', ...' if len(sizes) > 3 else ''}): "
+                     "pass the camera frame's size (--input-size WxH) or --input tensor")
+
+
+@dataclass
+class _Plan:
+    """What a build knows before it reads a pixel."""
+
+    paths: list[Path]
+    held_out: list[Path]
+    found: int
+    no_holdout: str | None
+    device: torch.device
+    prep: Preprocessing
+    contract: InputContract
+    backbone: object
+    patch_features: PatchFeatures
+    grid: int
+
+
+def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[[str], None]) -> _Plan:
+    """Images, hold-out, geometry, input contract and backbone; stops before any work when the
+    build cannot fit in memory or on disk."""
     paths = training_images(data)
     if len(paths) < MIN_TRAIN_IMAGES:
         raise InputError(f"{len(paths)} normal images found in {data}; at least {MIN_TRAIN_IMAGES} are needed")
@@ -192,16 +253,17 @@ def build(
         log(f"warning: no hold-out kept: {no_holdout}; calibrate will need --data, or predict a --threshold")
     device = resolve_device(config.device)
     prep = get_spec(config.backbone).preprocessing(config.preprocessing)
+    if config.input == "frames":
+        width, height = config.input_size or frame_size(paths + held_out)
+        contract = InputContract("frames", prep.crop, width, height, config.channel_order)
+    else:
+        contract = InputContract("tensor", prep.crop)
     sizes = _sample_sizes(paths)
     if prep.mode == "crop":
         _warn_if_cropping_parts(sizes, prep, log)
     _warn_if_upscaling(sizes, prep, log)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     backbone = load_backbone(config.backbone, config.weights)
     grid = patch_grid(prep.crop, backbone.spec.strides[0])
-    patch_features = PatchFeatures(backbone.module, config.align, grid)
-    timings["backbone"] = time.perf_counter() - t0
     # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
     n_features = len(paths) * grid * grid
     n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
@@ -209,115 +271,187 @@ def build(
                                      min(n_clustered, config.max_prototypes), dim)
     check_build_resources(n_features, n_clustered, dim, out, searches_on_cpu(n_clustered, dim, config.neighbours, device),
                           config.max_prototypes, engine_bytes=engine_bytes)
+    return _Plan(paths, held_out, found, no_holdout, device, prep, contract, backbone,
+                 PatchFeatures(backbone.module, config.align, grid), grid)
 
+
+def _extract(plan: _Plan, config: BuildConfig, workdir: Path, log, progress: bool):
+    """[1/4] Patch features of the fitting images into a disk-backed FP16 file."""
+    log(f"[1/4] features: {len(plan.paths)} images, {config.backbone} on {plan.device.type}")
+    torch.manual_seed(0)
+    extracted = extract_features(
+        FeatureExtractor(plan.patch_features, plan.prep), plan.paths, plan.prep, workdir / "features.npy",
+        batch_size=config.batch_size, device=plan.device, progress=progress,
+    )
+    if extracted.skipped:
+        listed = "; ".join(f"{p.name}" for p, _ in extracted.skipped[:10])
+        log(f"warning: skipped {len(extracted.skipped)} unreadable images: {listed}")
+        if len(extracted.skipped) > MAX_SKIPPED_SHARE * len(plan.paths) or len(extracted.used) < MIN_TRAIN_IMAGES:
+            # Counted against the images read for fitting; the held-out ones are read later.
+            where = f"{plan.found} in the folder, {len(plan.held_out)} held out; " if plan.held_out else ""
+            raise InputError(f"{len(extracted.skipped)} of the {len(plan.paths)} images kept for fitting are unreadable "
+                             f"({where}first: {extracted.skipped[0][1]})")
+    log(f"      {extracted.array.shape[0]:,} patch features of {extracted.array.shape[1]} dims")
+    return extracted
+
+
+def _cluster(extracted, config: BuildConfig, device, staging: Path, log):
+    """[2/4] FINCH on the features (or a seeded sample of them); the prototypes into the staging folder."""
+    train_features = extracted.array
+    rows = sample_rows(len(train_features), config.max_train_patches)
+    if rows is not None:
+        train_features = train_features[rows]  # reads only the sampled rows
+        log(f"      --max-train-patches: a seeded uniform sample of {len(rows):,} patches")
+    log(f"[2/4] FINCH: stop below {config.max_prototypes:,} clusters")
+    fit = fit_prototypes(train_features, config.max_prototypes, config.normalize_prototypes, config.neighbours,
+                         device, log=lambda m: log("      " + m))
+    _check_finite(fit.prototypes, "[2/4] prototypes", "the features they were fitted on are broken")
+    with atomic_path(staging / PROTOTYPES_FILE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, fit.prototypes, allow_pickle=False)
+    log(f"      {len(fit.prototypes):,} prototypes")
+    passed = near_miss(fit.finch.partition_sizes, config.max_prototypes)
+    if passed is not None:
+        log(f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes "
+            f"{config.max_prototypes:,}, for {len(fit.prototypes):,}; fewer prototypes usually score lower "
+            f"(--max-prototypes {passed + 1} keeps the {passed:,})")
+    return fit, passed, len(train_features)
+
+
+def _graph_metadata(plan: _Plan, config: BuildConfig, fit) -> dict[str, str]:
+    """What the ONNX files say about themselves (``metadata_props``): enough for a program that has
+    only the file to feed it and place its map. The threshold is not among them: ``calibrate``
+    changes the manifest only, never a graph or a compiled engine."""
+    meta = {
+        "tool_version": __version__, "input": json.dumps(plan.contract.to_manifest()),
+        "preprocessing": json.dumps(plan.prep.to_dict()), "backbone": plan.backbone.spec.name,
+        "prototypes": str(len(fit.prototypes)), "outputs": "anomaly_map float32 [B,1,S,S]; score float32 [B]",
+        "decision_rule": DECISION_RULE,
+    }
+    if plan.contract.kind == "frames":
+        meta["geometry"] = json.dumps(plan.prep.geometry_entry(plan.contract.width, plan.contract.height))
+    return meta
+
+
+def _export(plan: _Plan, config: BuildConfig, fit, staging: Path, log):
+    """[3/4] The complete network traced into ONNX, FP32 and strongly typed FP16; returns the FP32
+    module (the reference) and the manifest's ``onnx`` entry."""
+    log(f"[3/4] ONNX: tracing the complete network, FP32 and FP16 (input: {plan.contract.describe()})")
+    graphs, reference = {}, None
+    metadata = _graph_metadata(plan, config, fit)
+    for precision, filename in ONNX_FILES.items():
+        # ProtoADNetwork casts its feature module in place: the FP16 graph gets its own copy.
+        features = copy.deepcopy(plan.patch_features) if precision == "fp16" else plan.patch_features
+        net = ProtoADNetwork(features, fit.prototypes, plan.prep, precision, chunk=config.prototype_chunk).eval()
+        if plan.contract.kind == "frames":
+            c = plan.contract
+            net = FrameNetwork(FrameInput(plan.prep, c.width, c.height, c.channel_order), net).eval()
+        export_onnx(net, staging / filename, plan.contract, metadata={**metadata, "precision": precision})
+        report = inspect_graph(onnx.load(str(staging / filename)))
+        graphs[precision] = {"file": filename, "opset": report.opset, "ops": report.ops,
+                             "casts": report.cast_targets, "conv_input_dtypes": report.conv_dtypes}
+        if precision == "fp32":
+            reference = net
+    return reference, graphs
+
+
+def _manifest(data, plan: _Plan, config: BuildConfig, extracted, fit, passed, clustered: int, graphs: dict,
+              holdout: dict, timings: dict) -> dict:
+    """The bundle's manifest (the files' sha256 are filled in by ``write_manifest``)."""
+    prep, backbone, contract = plan.prep, plan.backbone, plan.contract
+    manifest = {
+        "tool": "protoad-export",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": {
+            "name": backbone.spec.name, "architecture": backbone.spec.architecture, "weights": backbone.weights_source,
+            "weights_sha256": backbone.weights_sha256, "channels": list(backbone.spec.channels),
+            "feature_dim": backbone.spec.feature_dim,
+        },
+        "preprocessing": prep.to_dict(),
+        "align": config.align,
+        "input": contract.to_manifest(),
+        "outputs": {name: ["batch", *shape[1:]] for name, shape in output_shapes(contract).items()},
+        "prototypes": {"file": PROTOTYPES_FILE, "count": int(len(fit.prototypes)),
+                       "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
+                       "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
+        "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
+                  "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed},
+        "onnx": graphs,
+        "batch_profile": dict(zip(("min", "opt", "max"), config.batch_profile)),
+        "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),
+                  "skipped": [p.name for p, _ in extracted.skipped], "patches": int(extracted.array.shape[0]),
+                  "patches_clustered": int(clustered), "max_train_patches": config.max_train_patches,
+                  "grid": list(extracted.grid)},
+        "test_data": str(Path(data).resolve()) if is_mvtec_category(data) else None,
+        "holdout": holdout,
+        "build": {"device": plan.device.type, "seconds": {k: round(v, 3) for k, v in timings.items()},
+                  "peak_rss_mib": round(peak_rss_mib(), 1)},
+        "versions": _versions(),
+        "files": {PROTOTYPES_FILE: None, **{f: None for f in ONNX_FILES.values()}},
+    }
+    if contract.kind == "frames":
+        manifest["geometry"] = prep.geometry_entry(contract.width, contract.height)
+    return manifest
+
+
+def build(
+    data: str | Path,
+    name: str,
+    out: str | Path = "engines",
+    config: BuildConfig | None = None,
+    *,
+    log: Callable[[str], None] | None = print,
+    progress: bool = True,
+) -> BuildResult:
+    """Fit prototypes on the normal images in ``data`` and write the bundle ``out/name`` (README: bundle).
+
+    The bundle is assembled in a hidden staging folder and swapped in whole under a lock on the
+    name; only a bundle of this tool is ever replaced.
+    """
+    config = config or BuildConfig()
+    log = log or (lambda _msg: None)
+    check_bundle_name(name)
+    output_folder(out)
     final_dir = Path(out) / name
-    staging = staging_directory(final_dir)
-    workdir = staging_directory(final_dir, kind="scratch")
-    try:
+    with build_lock(final_dir):
+        # Under the lock, so the folder checked is the one replaced (commit_directory checks again).
+        old = replaceable_bundle(final_dir, data)
+        if old is not None:
+            log(_replacing_message(name, old))
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        log(f"[1/4] features: {len(paths)} images, {config.backbone} on {device.type}")
-        torch.manual_seed(0)
-        extracted = extract_features(
-            FeatureExtractor(patch_features, prep), paths, prep, workdir / "features.npy",
-            batch_size=config.batch_size, device=device, progress=progress,
-        )
-        if extracted.skipped:
-            listed = "; ".join(f"{p.name}" for p, _ in extracted.skipped[:10])
-            log(f"warning: skipped {len(extracted.skipped)} unreadable images: {listed}")
-            if len(extracted.skipped) > MAX_SKIPPED_SHARE * len(paths) or len(extracted.used) < MIN_TRAIN_IMAGES:
-                # Counted against the images read for fitting; the held-out ones are read later.
-                where = f"{found} in the folder, {len(held_out)} held out; " if held_out else ""
-                raise InputError(f"{len(extracted.skipped)} of the {len(paths)} images kept for fitting are unreadable "
-                                 f"({where}first: {extracted.skipped[0][1]})")
-        timings["features"] = time.perf_counter() - t0
-        log(f"      {extracted.array.shape[0]:,} patch features of {extracted.array.shape[1]} dims ({timings['features']:.1f} s)")
-
-        t0 = time.perf_counter()
-        train_features = extracted.array
-        rows = sample_rows(len(train_features), config.max_train_patches)
-        if rows is not None:
-            train_features = train_features[rows]  # reads only the sampled rows
-            log(f"      --max-train-patches: a seeded uniform sample of {len(rows):,} patches")
-        log(f"[2/4] FINCH: stop below {config.max_prototypes:,} clusters")
-        fit = fit_prototypes(
-            train_features, config.max_prototypes, config.normalize_prototypes, config.neighbours,
-            device, log=lambda m: log("      " + m),
-        )
-        timings["clustering"] = time.perf_counter() - t0
-        with atomic_path(staging / PROTOTYPES_FILE) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, fit.prototypes, allow_pickle=False)
-        log(f"      {len(fit.prototypes):,} prototypes ({timings['clustering']:.1f} s)")
-        passed = near_miss(fit.finch.partition_sizes, config.max_prototypes)
-        if passed is not None:
-            log(f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes "
-                f"{config.max_prototypes:,}, for {len(fit.prototypes):,}; fewer prototypes usually score lower "
-                f"(--max-prototypes {passed + 1} keeps the {passed:,})")
-
-        t0 = time.perf_counter()
-        log("[3/4] ONNX: tracing the complete network, FP32 and FP16")
-        contract = InputContract("tensor", prep.crop)
-        graphs = {}
-        network = None
-        for precision, filename in ONNX_FILES.items():
-            # ProtoADNetwork casts its feature module in place: the FP16 graph gets its own copy.
-            features = copy.deepcopy(patch_features) if precision == "fp16" else patch_features
-            net = ProtoADNetwork(features, fit.prototypes, prep, precision, chunk=config.prototype_chunk).eval()
-            export_onnx(net, staging / filename, contract)
-            report = inspect_graph(onnx.load(str(staging / filename)))
-            graphs[precision] = {"file": filename, "opset": report.opset, "ops": report.ops,
-                                 "casts": report.cast_targets, "conv_input_dtypes": report.conv_dtypes}
-            if precision == "fp32":
-                network = net
-        timings["export"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
-        batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size, config.prototype_chunk)  # bounded memory
-        holdout = score_holdout(network, held_out, prep, config.holdout, device, batch)
-        if no_holdout:
-            holdout["empty_reason"] = no_holdout
-        timings["holdout"] = time.perf_counter() - t0
-
-        log("[4/4] manifest")
-        manifest = {
-            "tool": "protoad-export",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backbone": {
-                "name": backbone.spec.name, "architecture": backbone.spec.architecture, "weights": backbone.weights_source,
-                "weights_sha256": backbone.weights_sha256, "channels": list(backbone.spec.channels),
-                "feature_dim": backbone.spec.feature_dim,
-            },
-            "preprocessing": prep.to_dict(),
-            "align": config.align,
-            "input": contract.to_manifest(),
-            "outputs": {"anomaly_map": ["batch", 1, prep.crop, prep.crop], "score": ["batch"]},
-            "prototypes": {"file": PROTOTYPES_FILE, "count": int(len(fit.prototypes)),
-                           "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
-                           "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
-            "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
-                      "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed},
-            "onnx": graphs,
-            "batch_profile": {"min": config.batch_profile[0], "opt": config.batch_profile[1], "max": config.batch_profile[2]},
-            "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),
-                      "skipped": [p.name for p, _ in extracted.skipped], "patches": int(extracted.array.shape[0]),
-                      "patches_clustered": int(len(train_features)), "max_train_patches": config.max_train_patches,
-                      "grid": list(extracted.grid)},
-            "test_data": str(Path(data).resolve()) if is_mvtec_category(data) else None,
-            "holdout": holdout,
-            "build": {"device": device.type, "seconds": {k: round(v, 3) for k, v in timings.items()},
-                      "peak_rss_mib": round(peak_rss_mib(), 1)},
-            "versions": _versions(),
-            "files": {PROTOTYPES_FILE: None, **{f: None for f in ONNX_FILES.values()}},
-        }
-        write_manifest(staging, manifest)
-        del extracted
-        commit_directory(staging, final_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    from ..bundle import read_manifest
-
-    return BuildResult(final_dir, read_manifest(final_dir), network)
+        plan = _plan(data, out, config, log)
+        timings["plan"] = time.perf_counter() - t0
+        staging = staging_directory(final_dir)
+        workdir = staging_directory(final_dir, kind="scratch")
+        try:
+            t0 = time.perf_counter()
+            extracted = _extract(plan, config, workdir, log, progress)
+            timings["features"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fit, passed, clustered = _cluster(extracted, config, plan.device, staging, log)
+            timings["clustering"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            network, graphs = _export(plan, config, fit, staging, log)
+            timings["export"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            # Scored with the FP32 network just fitted, so calibration needs no second pass over the data.
+            batch = similarity_batch(len(fit.prototypes), extracted.grid, config.batch_size, config.prototype_chunk)
+            holdout = score_holdout(getattr(network, "network", network), plan.held_out, plan.prep, config.holdout,
+                                    plan.device, batch)
+            _check_finite(np.asarray(holdout["scores"], dtype=np.float64), "hold-out scores",
+                          "the network gives no usable scores: check --weights")
+            if plan.no_holdout:
+                holdout["empty_reason"] = plan.no_holdout
+            timings["holdout"] = time.perf_counter() - t0
+            log("[4/4] manifest")
+            manifest = _manifest(data, plan, config, extracted, fit, passed, clustered, graphs, holdout, timings)
+            write_manifest(staging, manifest)
+            del extracted
+            commit_directory(staging, final_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return BuildResult(final_dir, read_manifest(final_dir), plan.contract, network)

@@ -1,8 +1,8 @@
 """Images in: discovery of image folders and MVTec-style categories, decoding to RGB, geometry.
 
 Every picture a camera or a shared drive may give (grayscale, 16-bit, palette, CMYK, RGBA, 1-bit)
-becomes 8-bit RGB; the same geometric transform is applied to images and their masks so that
-metrics compare like with like.
+becomes 8-bit RGB, turned upright by its EXIF orientation tag as any image viewer shows it; the
+same geometric transform is applied to images and their masks so that metrics compare like with like.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 from ..options import DEFAULT_CROP, DEFAULT_RESIZE, RESIZE_MODES
@@ -209,15 +209,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# EXIF orientations 5 to 8 turn the picture by 90 degrees: width and height swap.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says (a camera held sideways stores the pixels
+    turned and the tag to undo it); an image without the tag is returned as it is."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB; raise InputError naming the file if it cannot be read."""
+    """Open and fully decode an image as upright (EXIF orientation applied) RGB; raise InputError
+    naming the file if it cannot be read."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                return to_rgb(img)
+                return to_rgb(upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"{path}: image larger than {MAX_IMAGE_PIXELS:,} pixels (decompression-bomb limit)") from None
     except UnidentifiedImageError:
@@ -227,12 +240,17 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def load_mask(path: str | Path) -> Image.Image:
-    """Open a ground-truth mask (kept in its own mode; binarised by Preprocessing.mask_array)."""
+    """Open a ground-truth mask as 8-bit L (binarised by Preprocessing.mask_array).
+
+    Like an image, a mask is turned upright by its own EXIF orientation tag; masks are usually
+    written by tools without one (drawn on the picture as a viewer shows it, i.e. upright) and are
+    then read as stored.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            return to_gray8(img)
+            return to_gray8(upright(img))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: unreadable mask ({exc})") from None
 
@@ -243,9 +261,13 @@ def load_batch(paths: Sequence[Path], prep: Preprocessing) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
+    """(width, height) of the upright image (as :func:`load_image` gives it) from the file header,
+    without decoding the pixels."""
     try:
         with Image.open(path) as img:
-            return img.size
+            width, height = img.size
+            if img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+                return height, width
+            return width, height
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from None

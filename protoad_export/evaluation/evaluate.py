@@ -112,7 +112,7 @@ def evaluate_engine(
     # (a CUDA kNN search beside a CPU-only onnxruntime is a normal set-up).
     runtime = load(engine_dir, backend, precision=precision, device=device if backend == "torch" else "cpu")
     manifest = runtime.manifest
-    threshold = manifest_threshold(manifest)  # a bad one stops here, before any image is read
+    threshold = manifest_threshold(manifest, engine_dir)  # a bad one stops here, before any image is read
     test = load_test_set(data, runtime.preprocessing)
     # A production category may have no masks at all: image AUROC still means something, pixel
     # metrics cannot; say so once rather than fail or print a silent "n/a".

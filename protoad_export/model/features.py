@@ -162,6 +162,12 @@ def extract_features(
             skipped += [(p, str(a)) for p, a in zip(chunk, decoded) if isinstance(a, InputError)]
             if good:
                 feats = extractor(torch.from_numpy(np.stack([a for _, a in good])).to(device))
+                finite = torch.isfinite(feats).flatten(1).all(dim=1).cpu().tolist()
+                if not all(finite):
+                    # NaN features (broken weights) would give NaN prototypes and scores: every part "good".
+                    first = next(p for (p, _), ok in zip(good, finite) if not ok)
+                    raise InputError(f"[1/4] features: the backbone gives NaN or infinite features "
+                                     f"(first: {Path(first).name}): check the weights (--weights); nothing was written")
                 flat = feats.permute(0, 2, 3, 1).reshape(-1, dim).to(torch.float16).cpu().numpy()
                 handle.write(np.ascontiguousarray(flat).tobytes())
                 row += len(flat)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..contract import InputContract, checked_threshold, manifest_threshold
+from ..contract import InputContract, check_threshold, manifest_threshold
 from ..data.images import Preprocessing
+from ..errors import InputError
 
 
 @dataclass
@@ -41,14 +42,29 @@ class Runtime:
     def _run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A batch in the bundle's input contract -> (anomaly maps float32 [B, S, S], scores float32 [B])."""
-        return self._run(self.contract.check(inputs))
+    def predict(self, inputs) -> tuple[np.ndarray, np.ndarray]:
+        """A batch in the bundle's input contract, or PIL images (turned upright by their EXIF tag and
+        preprocessed as files are) -> (anomaly maps float32 [B, S, S], scores float32 [B])."""
+        return self._run(self.contract.check(self._from_pictures(inputs)))
+
+    def _from_pictures(self, inputs):
+        from PIL import Image
+
+        from ..data.images import to_rgb, upright
+
+        if isinstance(inputs, Image.Image):
+            inputs = [inputs]
+        if not (isinstance(inputs, (list, tuple)) and any(isinstance(i, Image.Image) for i in inputs)):
+            return inputs
+        if not all(isinstance(i, Image.Image) for i in inputs):
+            raise InputError("predict() takes one kind of input: PIL images, or arrays, not a mix")
+        return np.stack([self.contract.from_pixels(np.asarray(to_rgb(upright(i)), dtype=np.uint8), self.preprocessing,
+                                                   "PIL image") for i in inputs])
 
     def infer(self, inputs: np.ndarray, threshold: float | None = None) -> Inference:
         """:meth:`predict` plus the decision at ``threshold`` (default: the bundle's calibrated one)."""
         maps, scores = self.predict(inputs)
-        threshold = self.threshold if threshold is None else checked_threshold(threshold, "threshold")
+        threshold = self.threshold if threshold is None else check_threshold(threshold, "threshold")
         decisions = None if threshold is None else scores > threshold
         return Inference(maps, scores, decisions, threshold)
 
