@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from protoad_export.build.pipeline import BuildConfig, build
-from protoad_export.evaluation.evaluate import NearestPatchScorer, evaluate_engine, image_auroc_differences
+from protoad_export.evaluation.evaluate import NearestPatchScorer, evaluate_bundle, image_auroc_differences
 from protoad_export.data.images import Preprocessing
 from protoad_export.data.datasets import training_images
 from protoad_export.evaluation.thresholds import evenly_spaced
@@ -68,7 +68,7 @@ def engine(data: Path, name: str, out: Path, config: BuildConfig) -> tuple[Path,
         return path, float("nan")
     t0 = time.perf_counter()
     built = build(data, name, out / "engines", config, log=print, progress=False)
-    return built.engine_dir, time.perf_counter() - t0
+    return built.bundle_dir, time.perf_counter() - t0
 
 
 class TiledPrototypes(NearestPatchScorer):
@@ -77,22 +77,22 @@ class TiledPrototypes(NearestPatchScorer):
     [B, K, 56, 56] similarity tensor, which makes ONNX Runtime on a CPU crawl past ~50k prototypes
     (``--tiled-above``; ``--check-tiled`` compares it with ONNX Runtime on one engine)."""
 
-    def __init__(self, engine_dir: Path, manifest: dict) -> None:
+    def __init__(self, bundle_dir: Path, manifest: dict) -> None:
         from protoad_export.bundle import load_array
 
-        super().__init__(engine_dir, manifest)
-        protos = load_array(engine_dir, manifest, manifest["prototypes"]["file"])
+        super().__init__(bundle_dir, manifest)
+        protos = load_array(bundle_dir, manifest, manifest["prototypes"]["file"])
         self.bank = self.torch.from_numpy(np.asarray(protos, dtype=np.float32))
 
 
-def evaluate_tiled(engine_dir: Path, report_path: Path | None = None) -> dict:
-    """``evaluate_engine``'s ProtoAD entry, scored by ``TiledPrototypes``; with ``report_path`` (an
+def evaluate_tiled(bundle_dir: Path, report_path: Path | None = None) -> dict:
+    """``evaluate_bundle``'s ProtoAD entry, scored by ``TiledPrototypes``; with ``report_path`` (an
     ONNX Runtime report of the same engine) also the largest score difference between the two."""
     from protoad_export.bundle import read_manifest
     from protoad_export.evaluation.evaluate import load_test_set, run_predictor, score_metrics
 
-    manifest = read_manifest(engine_dir)
-    scorer = TiledPrototypes(engine_dir, manifest)
+    manifest = read_manifest(bundle_dir)
+    scorer = TiledPrototypes(bundle_dir, manifest)
     test = load_test_set(DATA, scorer.prep)
     maps, scores, secs = run_predictor(scorer, manifest, [t.path for t in test.samples], 8, False, "tiled")
     protos = manifest["prototypes"]
@@ -125,7 +125,7 @@ def run(args) -> dict:
                 rep = evaluate_tiled(path)
                 report.write_text(json.dumps(rep, indent=1))
             else:
-                rep = evaluate_engine(path, DATA, baseline=baseline, progress=args.progress, out_dir=args.out / f"eval_{m}_{budget}")
+                rep = evaluate_bundle(path, DATA, baseline=baseline, progress=args.progress, out_dir=args.out / f"eval_{m}_{budget}")
                 report.write_text(json.dumps(rep, indent=1))
             ours = rep["methods"]["protoad"]
             if ours["prototypes"] in seen:  # same FINCH partition as a smaller budget

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark in one call: install the project, build engine directories for efficientnet_lite0
+# GPU benchmark in one call: install the project, build bundles for efficientnet_lite0
 # and wide_resnet50_2 with random weights (speed does not depend on the weights), compile them to
 # TensorRT when TensorRT is installed, and print the bench table of every backend found:
 # torch FP32 eager (the reference), torch FP16, torch FP16 + torch.compile (CUDA graphs),
@@ -11,7 +11,7 @@
 # Usage: benchmarks/gpu_bench.sh [--device cuda|cpu] [--data DIR] [--out DIR] [--quick] [--dry-run]
 #   --data    MVTec-style category or folder of training images [default: $PROTOAD_SHARED_DATA/magnetic_tile,
 #             else 16 synthetic textures are generated: timing does not depend on the pictures]
-#   --out     where engine directories, JSON reports and the log go [default: $OUT, else benchmarks/results/gpu]
+#   --out     where bundles, JSON reports and the log go [default: $OUT, else benchmarks/results/gpu]
 #   --quick   fewer iterations and batch sizes 1,8 (a smoke run)
 #   --dry-run print the commands without running anything (used by the CPU test suite)
 #

@@ -1,6 +1,6 @@
 """Large prototype sets in ONNX Runtime: one 1x1 conv vs the conv split into chunks (network.PROTOTYPE_CHUNK).
 
-For one engine directory, the network is rebuilt with each chunk size (``0`` = one conv over all
+For one bundle, the network is rebuilt with each chunk size (``0`` = one conv over all
 prototypes, the graph before chunking), exported to FP32 ONNX and run by ONNX Runtime (CPU) on the
 first ``--images`` test images, each configuration in a fresh process so that its peak RSS is its
 own. Reported: export seconds, prototype convs in the graph, images/s after one warm-up batch, peak RSS, and
@@ -9,7 +9,7 @@ should be float rounding of the conv, ~1e-7). ``--torch-device cuda`` times the 
 instead (FP16 on a GPU, where TensorRT will run the graph; ``benchmarks/gpu_bench.sh``), with
 peak GPU memory in place of RSS.
 
-    flock /tmp/protoad-bench.lock python benchmarks/prototype_chunks.py ENGINE_DIR --chunks 0,256,512,1024,2048
+    flock /tmp/protoad-bench.lock python benchmarks/prototype_chunks.py BUNDLE --chunks 0,256,512,1024,2048
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 
 
-def measure(engine_dir: Path, data: Path, chunk: int, images: int, batch: int, scores_out: Path,
+def measure(bundle_dir: Path, data: Path, chunk: int, images: int, batch: int, scores_out: Path,
             torch_device: str | None = None) -> dict:
     """One configuration, in this process: export and ONNX Runtime (or the torch network on
     ``torch_device``), time, peak memory."""
@@ -45,9 +45,9 @@ def measure(engine_dir: Path, data: Path, chunk: int, images: int, batch: int, s
     from protoad_export.runtime import preprocess_paths
     from protoad_export.runtime.pytorch import build_torch_network
 
-    manifest = read_manifest(engine_dir)
-    reference = build_torch_network(engine_dir, manifest, "fp32")
-    protos = np.asarray(load_array(engine_dir, manifest, manifest["prototypes"]["file"]), dtype=np.float32)
+    manifest = read_manifest(bundle_dir)
+    reference = build_torch_network(bundle_dir, manifest, "fp32")
+    protos = np.asarray(load_array(bundle_dir, manifest, manifest["prototypes"]["file"]), dtype=np.float32)
     precision = "fp16" if torch_device and torch_device.startswith("cuda") else "fp32"
     net = ProtoADNetwork(reference.patch_features, protos, Preprocessing.from_manifest(manifest), precision,
                          chunk=chunk or len(protos)).eval()

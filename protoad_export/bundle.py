@@ -1,4 +1,4 @@
-"""Engine directories: atomic file writes, sha256 checksums and the manifest.
+"""Bundles: atomic file writes, sha256 checksums and the manifest.
 
 Every file is written under a temporary name in the destination folder and renamed into place, so
 an interrupted build never leaves a partial file under a final name. A build writes into a fresh
@@ -279,25 +279,25 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def write_manifest(engine_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+def write_manifest(bundle_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
     """Record the sha256 of every file in ``manifest['files']`` and write the manifest atomically."""
-    engine_dir = Path(engine_dir)
+    bundle_dir = Path(bundle_dir)
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
-    manifest["files"] = {name: file_entry(engine_dir / name) for name in sorted(manifest.get("files", {}))}
-    atomic_write_json(engine_dir / MANIFEST_NAME, manifest)
+    manifest["files"] = {name: file_entry(bundle_dir / name) for name in sorted(manifest.get("files", {}))}
+    atomic_write_json(bundle_dir / MANIFEST_NAME, manifest)
 
 
-def read_manifest(engine_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     """Load and validate a manifest; with ``verify``, check every listed file's size and sha256."""
-    engine_dir = Path(engine_dir)
-    path = engine_dir / MANIFEST_NAME
-    if not engine_dir.is_dir():
-        aside = sorted(engine_dir.parent.glob(f".{engine_dir.name}.*.old")) if engine_dir.parent.is_dir() else []
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not bundle_dir.is_dir():
+        aside = sorted(bundle_dir.parent.glob(f".{bundle_dir.name}.*.old")) if bundle_dir.parent.is_dir() else []
         hint = f" (a build killed while swapping directories left {aside[0]}: rename it back)" if aside else ""
-        raise ArtifactError(f"engine directory not found: {engine_dir}{hint}")
+        raise ArtifactError(f"bundle not found: {bundle_dir}{hint}")
     if not path.is_file():
-        raise ArtifactError(f"{engine_dir} has no {MANIFEST_NAME}: not an engine directory")
+        raise ArtifactError(f"{bundle_dir} has no {MANIFEST_NAME}: not a bundle")
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -312,11 +312,11 @@ def read_manifest(engine_dir: str | os.PathLike, verify: bool = True) -> dict[st
     check_manifest(manifest, path)
     if verify:
         for name in manifest.get("files", {}):
-            verify_file(engine_dir, manifest, name)
+            verify_file(bundle_dir, manifest, name)
     return manifest
 
 
-# The manifest's schema (what builder.build writes), checked by check_manifest. Engine directories
+# The manifest's schema (what builder.build writes), checked by check_manifest. Bundles
 # from older builds lack some optional fields (prototypes.chunk, backbone.architecture, holdout);
 # every field a loader reads is required, so an edited or damaged manifest fails here, in one line
 # naming the file and the field, instead of as a KeyError or an ONNX Runtime error mid-run.
@@ -437,12 +437,12 @@ def check_manifest(manifest: dict[str, Any], path: str | os.PathLike = MANIFEST_
                                 f"(the network's patch grid is {grid}x{grid})")
 
 
-def verify_file(engine_dir: str | os.PathLike, manifest: dict[str, Any], name: str) -> Path:
+def verify_file(bundle_dir: str | os.PathLike, manifest: dict[str, Any], name: str) -> Path:
     """Check one listed file against the manifest and return its path."""
     entry = manifest.get("files", {}).get(name)
-    path = Path(engine_dir) / name
+    path = Path(bundle_dir) / name
     if entry is None:
-        raise ArtifactError(f"{name} is not listed in {Path(engine_dir) / MANIFEST_NAME}")
+        raise ArtifactError(f"{name} is not listed in {Path(bundle_dir) / MANIFEST_NAME}")
     if not path.is_file():
         raise ArtifactError(f"{path} is listed in the manifest but missing")
     if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
@@ -450,24 +450,24 @@ def verify_file(engine_dir: str | os.PathLike, manifest: dict[str, Any], name: s
     return path
 
 
-def add_files_to_manifest(engine_dir: str | os.PathLike, names: list[str], updates: dict[str, Any]) -> dict[str, Any]:
+def add_files_to_manifest(bundle_dir: str | os.PathLike, names: list[str], updates: dict[str, Any]) -> dict[str, Any]:
     """Add files (already written atomically) and top-level entries to an existing manifest."""
-    manifest = read_manifest(engine_dir, verify=True)
+    manifest = read_manifest(bundle_dir, verify=True)
     for key, value in updates.items():
         manifest[key] = value
     files = dict(manifest.get("files", {}))
     for name in names:
         files[name] = None
     manifest["files"] = files
-    write_manifest(engine_dir, manifest)
+    write_manifest(bundle_dir, manifest)
     return manifest
 
 
-def load_array(engine_dir: str | os.PathLike, manifest: dict[str, Any], name: str):
+def load_array(bundle_dir: str | os.PathLike, manifest: dict[str, Any], name: str):
     """Verify a listed ``.npy`` file and load it without ever unpickling (object arrays are refused)."""
     import numpy as np
 
-    path = verify_file(engine_dir, manifest, name)
+    path = verify_file(bundle_dir, manifest, name)
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:

@@ -107,7 +107,7 @@ class DemoResult:
     """Where everything went."""
 
     data: Path
-    engine_dir: Path
+    bundle_dir: Path
     evaluation: Path
     predictions: Path
     report: dict
@@ -126,7 +126,7 @@ def run_demo(
 ) -> DemoResult:
     """Dataset (synthetic unless ``data``) -> build -> calibrate -> eval (+ kNN) -> predict, all under ``out``."""
     from .build.pipeline import BuildConfig, build
-    from .evaluation.evaluate import evaluate_engine, format_table
+    from .evaluation.evaluate import evaluate_bundle, format_table
     from .data.images import Preprocessing
     from .predict import predict
     from .evaluation.thresholds import calibrate
@@ -141,15 +141,15 @@ def run_demo(
     config = BuildConfig(backbone="efficientnet_lite0", preprocessing=prep, batch_size=8, holdout=0.2)
     log("[demo] build")
     built = build(data, "demo", out / "engines", config, log=lambda m: log("  " + m), progress=progress)
-    threshold = calibrate(built.engine_dir, target_frr=0.01)
+    threshold = calibrate(built.bundle_dir, target_frr=0.01)
     d = threshold.details
     log(f"[demo] threshold {threshold.value:.4f} from {d['normal_scores']} hold-out scores "
         f"(target FRR 1 %{'' if d['resolved'] else ': too few scores, the largest one is used'})")
     log("[demo] eval" + (" with the kNN baseline" if baseline else ""))
-    report = evaluate_engine(built.engine_dir, data, baseline="knn" if baseline else None,
+    report = evaluate_bundle(built.bundle_dir, data, baseline="knn" if baseline else None,
                              out_dir=out / "evaluation", progress=progress)
     log(format_table(report))
     log("[demo] predict")
     folders = sorted(p for p in (data / "test").iterdir() if p.is_dir())
-    predict(built.engine_dir, folders, out / "predictions", progress=progress)
-    return DemoResult(data, built.engine_dir, out / "evaluation", out / "predictions", report)
+    predict(built.bundle_dir, folders, out / "predictions", progress=progress)
+    return DemoResult(data, built.bundle_dir, out / "evaluation", out / "predictions", report)

@@ -14,7 +14,7 @@ class InputError(ProtoADError, ValueError):
 
 
 class ArtifactError(ProtoADError):
-    """An engine directory that is missing, tampered with, or made by an incompatible version."""
+    """A bundle that is missing, tampered with, or made by an incompatible version."""
 
     exit_code = 3
 

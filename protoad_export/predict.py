@@ -90,7 +90,7 @@ def resolve_threshold(manifest: dict, override: float | None, *, bundle_dir: str
         return check_threshold(override, "--threshold"), "--threshold"
     value = manifest_threshold(manifest, bundle_dir)
     if value is None:
-        raise InputError("the engine has no threshold: run `protoad-export calibrate ENGINE_DIR` or pass --threshold")
+        raise InputError("the engine has no threshold: run `protoad-export calibrate BUNDLE` or pass --threshold")
     return value, f"manifest ({manifest['threshold'].get('method', '?')})"
 
 

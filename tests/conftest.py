@@ -1,4 +1,4 @@
-"""Shared fixtures: real data from ../shared (skipped with a reason when absent) and small engine directories."""
+"""Shared fixtures: real data from ../shared (skipped with a reason when absent) and small bundles."""
 
 from __future__ import annotations
 
@@ -46,15 +46,15 @@ def small_category(tmp_path_factory, magnetic_tile) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_engine(tmp_path_factory, small_category) -> Path:
-    """An engine directory built with the offline backbone and default options on ``small_category``'s
+def small_bundle(tmp_path_factory, small_category) -> Path:
+    """A bundle built with the offline backbone and default options on ``small_category``'s
     40 real training images (about a minute on 2 cores, once per session)."""
     from protoad_export.build.pipeline import BuildConfig, build
 
     out = tmp_path_factory.mktemp("engines")
     config = BuildConfig(backbone="efficientnet_lite0", batch_size=8)
     result = build(small_category, "small", out, config, log=None, progress=False)
-    return result.engine_dir
+    return result.bundle_dir
 
 
 def write_image(path: Path, size=(64, 48), mode="RGB", seed=0) -> Path:

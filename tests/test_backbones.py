@@ -71,7 +71,7 @@ def test_legacy_host_for_old_engine_directories():
         load_backbone("wide_resnet50_2", "random", "efficientnet_lite0")
 
 
-def test_runtime_rebuilds_an_old_manifest_with_the_old_host(small_engine, tmp_path):
+def test_runtime_rebuilds_an_old_manifest_with_the_old_host(small_bundle, tmp_path):
     """A manifest written before the architecture was recorded (ImageNet mean/std, plain timm
     host) must rebuild that network, not today's."""
     import json
@@ -81,14 +81,14 @@ def test_runtime_rebuilds_an_old_manifest_with_the_old_host(small_engine, tmp_pa
     from protoad_export.runtime.pytorch import build_torch_network
 
     old_dir = tmp_path / "old"
-    shutil.copytree(small_engine, old_dir)
+    shutil.copytree(small_bundle, old_dir)
     manifest = json.loads((old_dir / "manifest.json").read_text())
     del manifest["backbone"]["architecture"]
     manifest["preprocessing"]["mean"], manifest["preprocessing"]["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
     (old_dir / "manifest.json").write_text(json.dumps(manifest))
     manifest = read_manifest(old_dir)
     net = build_torch_network(old_dir, manifest)
-    today = build_torch_network(small_engine, read_manifest(small_engine))
+    today = build_torch_network(small_bundle, read_manifest(small_bundle))
     kinds = {type(m).__name__ for m in net.modules()}
     assert "Conv2dSame" not in kinds and "Conv2dSame" in {type(m).__name__ for m in today.modules()}
     np.testing.assert_allclose(net.normalize.mean.flatten().numpy(), IMAGENET_MEAN, rtol=1e-6)

@@ -70,7 +70,7 @@ def _make(tmp_path: Path, case: str) -> list[str]:
         for i in range(6):
             write_image(data / f"{i}.png", seed=i)
         return ["build", str(data), "--name", "x", *out]
-    if case == "engine name with a slash":
+    if case == "bundle name with a slash":
         for i in range(6):
             write_image(data / f"{i}.png", seed=i)
         return ["build", str(data), "--name", "a/b", *eff, *out]
@@ -92,7 +92,7 @@ CASES = {
     "missing weights file": (2, "weights file not found"),
     "weights path that is a folder": (2, "is a folder: give the weights file itself"),
     "wide_resnet50_2 without weights": (4, "--weights FILE"),
-    "engine name with a slash": (2, "plain folder name"),
+    "bundle name with a slash": (2, "plain folder name"),
 }
 
 
@@ -130,34 +130,34 @@ def test_a_few_corrupt_images_are_skipped_with_a_warning(tmp_path):
 
 
 @pytest.fixture()
-def engine_copy(small_engine, tmp_path) -> Path:
+def bundle_copy(small_bundle, tmp_path) -> Path:
     import shutil
 
-    shutil.copytree(small_engine, tmp_path / "eng")
+    shutil.copytree(small_bundle, tmp_path / "eng")
     return tmp_path / "eng"
 
 
 @pytest.mark.parametrize("name", ["model.fp32.onnx", "model.fp16.onnx", "prototypes.npy"])
-def test_tampered_or_truncated_files_are_refused(engine_copy, name):
+def test_tampered_or_truncated_files_are_refused(bundle_copy, name):
     from protoad_export import runtime
 
-    path = engine_copy / name
+    path = bundle_copy / name
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=f"{name} does not match its sha256"):
-        read_manifest(engine_copy)
+        read_manifest(bundle_copy)
     path.write_bytes(bytes(data[:100]))
     # Each backend checks the files it opens: the FP16 graph, the prototypes of the torch reference.
     backend, precision = {"model.fp32.onnx": ("onnxruntime", "fp32"), "model.fp16.onnx": ("onnxruntime", "fp16"),
                           "prototypes.npy": ("torch", "fp32")}[name]
     with pytest.raises(ArtifactError, match=name):
-        runtime.load(engine_copy, backend, precision)
+        runtime.load(bundle_copy, backend, precision)
 
 
 @pytest.mark.parametrize("version,match", [(0, "schema version 0"), (99, "schema version 99"), (None, "no schema_version")])
-def test_old_or_unknown_manifest_schema_is_refused(engine_copy, version, match):
-    path = engine_copy / "manifest.json"
+def test_old_or_unknown_manifest_schema_is_refused(bundle_copy, version, match):
+    path = bundle_copy / "manifest.json"
     manifest = json.loads(path.read_text())
     if version is None:
         del manifest["schema_version"]
@@ -165,7 +165,7 @@ def test_old_or_unknown_manifest_schema_is_refused(engine_copy, version, match):
         manifest["schema_version"] = version
     path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=match):
-        read_manifest(engine_copy)
+        read_manifest(bundle_copy)
 
 
 def test_missing_engine_dir_and_garbage_manifest(tmp_path):
@@ -179,23 +179,23 @@ def test_missing_engine_dir_and_garbage_manifest(tmp_path):
         read_manifest(tmp_path / "e")
 
 
-def test_prototypes_are_never_unpickled(engine_copy):
+def test_prototypes_are_never_unpickled(bundle_copy):
     """An object array (which np.load could only read by unpickling) is refused, not executed."""
     import hashlib
 
     from protoad_export import runtime
 
-    path = engine_copy / "prototypes.npy"
+    path = bundle_copy / "prototypes.npy"
     np.save(path, np.array([print], dtype=object), allow_pickle=True)
-    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["files"]["prototypes.npy"] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
-    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception) as exc:
-        runtime.load(engine_copy, "torch")
+        runtime.load(bundle_copy, "torch")
     assert "pickle" in str(exc.value).lower() and isinstance(exc.value, ArtifactError)
 
 
-def test_an_output_path_that_is_a_file_is_one_line_before_any_work(small_engine, small_category, tmp_path, monkeypatch):
+def test_an_output_path_that_is_a_file_is_one_line_before_any_work(small_bundle, small_category, tmp_path, monkeypatch):
     """--out (or a folder above it, or --json's folder) naming an existing file: one line and exit 2
     before any work, not an OSError traceback after it. The CLI also maps such OSErrors raised later."""
     import protoad_export.build.pipeline as builder
@@ -212,13 +212,13 @@ def test_an_output_path_that_is_a_file_is_one_line_before_any_work(small_engine,
          f"error: --out {blocker}: {blocker} is a file, not a folder"),
         (["build", str(small_category), "--name", "x", "--backbone", "efficientnet_lite0", "--out", str(blocker / "sub")],
          f"error: --out {blocker / 'sub'}: {blocker} is a file, not a folder"),
-        (["predict", str(small_engine), str(good), "--out", str(blocker)],
+        (["predict", str(small_bundle), str(good), "--out", str(blocker)],
          f"error: --out {blocker}: {blocker} is a file, not a folder"),
-        (["eval", str(small_engine), str(small_category), "--out", str(blocker)],
+        (["eval", str(small_bundle), str(small_category), "--out", str(blocker)],
          f"error: --out {blocker}: {blocker} is a file, not a folder"),
-        (["eval", str(small_engine), str(small_category), "--out", str(tmp_path / "ev"), "--json", str(blocker / "r.json")],
+        (["eval", str(small_bundle), str(small_category), "--out", str(tmp_path / "ev"), "--json", str(blocker / "r.json")],
          f"error: --json {blocker}: {blocker} is a file, not a folder"),
-        (["bench", str(small_engine), "--json", str(blocker / "r.json")],
+        (["bench", str(small_bundle), "--json", str(blocker / "r.json")],
          f"error: --json {blocker}: {blocker} is a file, not a folder"),
     ]
     for args, message in cases:
@@ -243,7 +243,7 @@ def test_os_errors_about_files_and_folders_are_one_line(tmp_path, monkeypatch):
 
 def test_a_build_without_the_memory_for_finch_is_one_line_before_the_features(tmp_path, monkeypatch):
     """Memory (simulated: 100 MiB available) that cannot hold FINCH's plan: exit 6 and one line
-    naming the remedy, before any feature is extracted, and no engine directory."""
+    naming the remedy, before any feature is extracted, and no bundle."""
     import protoad_export.build.pipeline as builder
     import protoad_export.build.resources as resources
 
@@ -339,19 +339,19 @@ def test_commit_refuses_what_appeared_during_the_build(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
-def test_a_threshold_that_is_not_finite_and_positive_is_refused(small_engine, small_category, tmp_path, value):
+def test_a_threshold_that_is_not_finite_and_positive_is_refused(small_bundle, small_category, tmp_path, value):
     """`predict --threshold nan` gave "0 defective" and wrote "threshold": NaN; a NaN in the manifest
     did the same. Both are one line now, before any image is read."""
     import shutil
 
     good = small_category / "test" / "good"
-    result = CliRunner().invoke(main, ["predict", str(small_engine), str(good), "--out", str(tmp_path / "p"),
+    result = CliRunner().invoke(main, ["predict", str(small_bundle), str(good), "--out", str(tmp_path / "p"),
                                        "--threshold", value])
     assert result.exit_code == 2, result.output
     assert _one_error(result) == (f"error: --threshold: the threshold must be a finite positive number "
                                   f"(scores are 1 - cosine), got {float(value)!r}")
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
-    engine = shutil.copytree(small_engine, tmp_path / "eng")
+    engine = shutil.copytree(small_bundle, tmp_path / "eng")
     manifest = json.loads((engine / "manifest.json").read_text())
     manifest["threshold"] = {"value": float(value), "method": "frr"}
     (engine / "manifest.json").write_text(json.dumps(manifest))  # json writes NaN and Infinity

@@ -39,7 +39,7 @@ def _images(folder: Path, count: int, size=(96, 80)) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Item: tracebacks (engine name length, edited manifests)
+# Item: tracebacks (bundle name length, edited manifests)
 
 
 def test_an_engine_name_too_long_for_the_file_system_is_one_line_before_any_work(tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_an_engine_name_too_long_for_the_file_system_is_one_line_before_any_work
     monkeypatch.setattr(builder, "load_backbone", lambda *a, **k: pytest.fail("build started"))
     data = _images(tmp_path / "data", 6)
     result = CliRunner().invoke(main, ["build", str(data), "--name", "n" * 250, *EFF, "--out", str(tmp_path / "e")])
-    assert _one_error(result, 2) == "error: engine name is 250 bytes long; at most 200 are allowed"
+    assert _one_error(result, 2) == "error: bundle name is 250 bytes long; at most 200 are allowed"
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
@@ -79,13 +79,13 @@ EDITS = {
 
 
 @pytest.mark.parametrize("case", list(EDITS))
-def test_an_edited_manifest_is_one_line_naming_the_field_before_any_work(small_engine, small_category, tmp_path,
+def test_an_edited_manifest_is_one_line_naming_the_field_before_any_work(small_bundle, small_category, tmp_path,
                                                                           monkeypatch, case):
     """Checked when the manifest is loaded: eval stops before reading a test image, not after its run."""
     import protoad_export.evaluation.evaluate as evaluate_module
 
     engine = tmp_path / "eng"
-    shutil.copytree(small_engine, engine)
+    shutil.copytree(small_bundle, engine)
     path = engine / "manifest.json"
     manifest = json.loads(path.read_text())
     _edit(manifest, case)
@@ -113,11 +113,11 @@ def test_the_schema_constants_agree_with_the_modules_they_stand_for():
 # Item: bench batch sizes
 
 
-def test_bench_refuses_a_batch_that_cannot_fit_in_memory_before_any_image_is_decoded(small_engine, monkeypatch):
+def test_bench_refuses_a_batch_that_cannot_fit_in_memory_before_any_image_is_decoded(small_bundle, monkeypatch):
     import protoad_export.evaluation.bench as bench_module
 
     monkeypatch.setattr(bench_module, "load_test_images", lambda *a, **k: pytest.fail("images were decoded"))
-    result = CliRunner().invoke(main, ["bench", str(small_engine), "--backend", "onnxruntime", "--fps",
+    result = CliRunner().invoke(main, ["bench", str(small_bundle), "--backend", "onnxruntime", "--fps",
                                        "--batch-sizes", "1,100000"])
     line = _one_error(result, 6)
     assert line.startswith("error: a batch of 100,000 images needs about ") and "GiB is available: use --batch-sizes of at most " in line
@@ -206,7 +206,7 @@ def tiny_build(tmp_path_factory):
     lines: list[str] = []
     config = BuildConfig(backbone="efficientnet_lite0", preprocessing=Preprocessing(resize=80, crop=64), batch_size=8)
     result = build(category, "tiny", root / "engines", config, log=lines.append, progress=False)
-    return category, result.engine_dir, lines
+    return category, result.bundle_dir, lines
 
 
 def test_a_build_without_room_for_a_hold_out_warns_and_calibrate_names_why(tiny_build, tmp_path):

@@ -1,4 +1,4 @@
-"""``protoad-export bench``: fidelity and speed on a small engine directory, JSON, and tolerance failures."""
+"""``protoad-export bench``: fidelity and speed on a small bundle, JSON, and tolerance failures."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from protoad_export.errors import InputError, MissingDependencyError, ToleranceE
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_bench_prints_fidelity_and_speed_and_writes_json(small_engine, tmp_path):
+def test_bench_prints_fidelity_and_speed_and_writes_json(small_bundle, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, [
-        "bench", str(small_engine), "--backend", "onnxruntime", "--backend", "onnxruntime-fp16", "--device", "cpu",
+        "bench", str(small_bundle), "--backend", "onnxruntime", "--backend", "onnxruntime-fp16", "--device", "cpu",
         "--limit", "6", "--fps", "--batch-sizes", "1,2", "--warmup", "0", "--iterations", "2", "--json", str(out),
     ])
     assert result.exit_code == 0, result.output
@@ -44,10 +44,10 @@ def test_bench_prints_fidelity_and_speed_and_writes_json(small_engine, tmp_path)
     assert "cpus" in report["machine"]
 
 
-def test_bench_exits_non_zero_when_a_tolerance_is_exceeded(small_engine, tmp_path):
+def test_bench_exits_non_zero_when_a_tolerance_is_exceeded(small_bundle, tmp_path):
     out = tmp_path / "fail.json"
     result = CliRunner().invoke(main, [
-        "bench", str(small_engine), "--backend", "onnxruntime-fp16", "--device", "cpu", "--limit", "3",
+        "bench", str(small_bundle), "--backend", "onnxruntime-fp16", "--device", "cpu", "--limit", "3",
         "--atol", "0", "--rtol", "0", "--json", str(out),
     ])
     assert result.exit_code == ToleranceError.exit_code
@@ -58,11 +58,11 @@ def test_bench_exits_non_zero_when_a_tolerance_is_exceeded(small_engine, tmp_pat
     assert report["fidelity"][0]["passed"] is False
 
 
-def test_a_named_backend_that_cannot_run_fails_after_the_report(small_engine, tmp_path):
+def test_a_named_backend_that_cannot_run_fails_after_the_report(small_bundle, tmp_path):
     """By default bench skips what this machine lacks; a backend named with --backend that is
     skipped (no TensorRT engine here) must not exit 0 as if it had been measured."""
     out = tmp_path / "trt.json"
-    result = CliRunner().invoke(main, ["bench", str(small_engine), "--backend", "onnxruntime", "--backend", "tensorrt",
+    result = CliRunner().invoke(main, ["bench", str(small_bundle), "--backend", "onnxruntime", "--backend", "tensorrt",
                                        "--device", "cpu", "--limit", "2", "--json", str(out)])
     assert result.exit_code == MissingDependencyError.exit_code, result.output
     lines = result.output.strip().splitlines()
@@ -73,18 +73,18 @@ def test_a_named_backend_that_cannot_run_fails_after_the_report(small_engine, tm
     assert list(report["skipped"]) == ["tensorrt"] and report["requested"] == ["onnxruntime", "tensorrt"]
 
 
-def test_bench_bad_input_is_one_line(small_engine, tmp_path):
+def test_bench_bad_input_is_one_line(small_bundle, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["bench", str(tmp_path / "nope")])
-    assert result.exit_code != 0 and "engine directory not found" in result.output and "Traceback" not in result.output
-    result = runner.invoke(main, ["bench", str(small_engine), "--batch-sizes", "1,x"])
+    assert result.exit_code != 0 and "bundle not found" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, ["bench", str(small_bundle), "--batch-sizes", "1,x"])
     assert result.exit_code == 2 and "comma-separated" in result.output
-    result = runner.invoke(main, ["bench", str(small_engine), "--data", str(tmp_path / "missing")])
+    result = runner.invoke(main, ["bench", str(small_bundle), "--data", str(tmp_path / "missing")])
     assert result.exit_code == InputError.exit_code and "data folder not found" in result.output
 
 
-def test_test_images_from_manifest_folder_or_nothing(small_engine, small_category, tmp_path):
-    manifest = read_manifest(small_engine)
+def test_test_images_from_manifest_folder_or_nothing(small_bundle, small_category, tmp_path):
+    manifest = read_manifest(small_bundle)
     images = load_test_images(manifest, None, limit=4)
     assert len(images.paths) == 4 and images.labels is not None and images.masks.shape[1:] == (224, 224)
     assert 0 < images.labels.sum() < 4  # the even spread keeps both classes

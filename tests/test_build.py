@@ -21,10 +21,10 @@ from protoad_export.clustering.prototypes import near_miss
 REQUIRED_FILES = {"prototypes.npy", "model.fp32.onnx", "model.fp16.onnx"}
 
 
-def test_build_on_40_real_images_gives_every_artifact(small_engine):
-    manifest = read_manifest(small_engine, verify=True)
+def test_build_on_40_real_images_gives_every_artifact(small_bundle):
+    manifest = read_manifest(small_bundle, verify=True)
     assert set(manifest["files"]) >= REQUIRED_FILES
-    assert {p.name for p in small_engine.iterdir()} >= REQUIRED_FILES | {"manifest.json"}
+    assert {p.name for p in small_bundle.iterdir()} >= REQUIRED_FILES | {"manifest.json"}
     assert manifest["schema_version"] == 1
     assert manifest["backbone"]["name"] == "efficientnet_lite0"
     # The offline weights are TF EfficientNet-Lite0: TF padding host and [-1, 1] inputs.
@@ -32,7 +32,7 @@ def test_build_on_40_real_images_gives_every_artifact(small_engine):
     assert manifest["preprocessing"]["mean"] == manifest["preprocessing"]["std"] == [0.5, 0.5, 0.5]
     assert manifest["backbone"]["weights_sha256"] == sha256_file(manifest["backbone"]["weights"])
     assert manifest["preprocessing"]["crop"] == 224 and manifest["align"] == "bilinear"
-    protos = np.load(small_engine / "prototypes.npy", allow_pickle=False)
+    protos = np.load(small_bundle / "prototypes.npy", allow_pickle=False)
     assert protos.dtype == np.float32 and protos.shape == (manifest["prototypes"]["count"], 176)
     sizes = manifest["finch"]["partition_sizes"]
     # FINCH stops at the first partition below the limit, and the prototypes are that partition.
@@ -43,7 +43,7 @@ def test_build_on_40_real_images_gives_every_artifact(small_engine):
     assert manifest["build"]["peak_rss_mib"] > 0
     assert {"torch", "onnx", "numpy"} <= set(manifest["versions"])
     for precision in ("fp32", "fp16"):
-        model = onnx.load(str(small_engine / f"model.{precision}.onnx"))
+        model = onnx.load(str(small_bundle / f"model.{precision}.onnx"))
         onnx.checker.check_model(model, full_check=True)
         assert 17 <= manifest["onnx"][precision]["opset"] <= 20
         dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -51,8 +51,8 @@ def test_build_on_40_real_images_gives_every_artifact(small_engine):
     assert "float16" in manifest["onnx"]["fp16"]["casts"] and not manifest["onnx"]["fp32"]["casts"]
 
 
-def test_no_pickles_anywhere(small_engine):
-    for path in small_engine.iterdir():
+def test_no_pickles_anywhere(small_bundle):
+    for path in small_bundle.iterdir():
         head = path.read_bytes()[:2]
         assert head != b"\x80\x04" and head != b"\x80\x02", f"{path.name} looks like a pickle"
 
@@ -101,9 +101,9 @@ def test_build_warns_when_finch_passes_over_a_partition_just_above_the_limit(ten
 
 
 @pytest.mark.parametrize("stage", ["[1/4]", "[2/4]", "[3/4]"])
-def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_engine, ten_images, tmp_path, stage):
+def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_bundle, ten_images, tmp_path, stage):
     out = tmp_path / "engines"
-    shutil.copytree(small_engine, out / "eng")
+    shutil.copytree(small_bundle, out / "eng")
     before = read_manifest(out / "eng")
     proc = subprocess.Popen(
         [sys.executable, "-m", "protoad_export", "build", str(ten_images), "--name", "eng", "--out", str(out),
@@ -120,7 +120,7 @@ def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_engine, ten_i
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     after = read_manifest(out / "eng", verify=True)
     assert after == before
-    assert sorted(p.name for p in (out / "eng").iterdir()) == sorted(p.name for p in small_engine.iterdir())
+    assert sorted(p.name for p in (out / "eng").iterdir()) == sorted(p.name for p in small_bundle.iterdir())
     # The killed build's hidden staging folders are removed by the next build of the same name.
     leftovers = [p for p in out.iterdir() if p.name.startswith(".eng.")]
     assert leftovers
@@ -129,11 +129,11 @@ def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_engine, ten_i
     assert set(remove_stale_work(out / "eng")) == set(leftovers)
 
 
-def test_sigterm_during_build_cleans_up_and_exits_143(small_engine, ten_images, tmp_path):
+def test_sigterm_during_build_cleans_up_and_exits_143(small_bundle, ten_images, tmp_path):
     """A scheduler's SIGTERM mid-build: one line, exit 143, the previous engine untouched and no
     hidden scratch or staging folder left behind (unlike SIGKILL, nothing waits for the next build)."""
     out = tmp_path / "engines"
-    shutil.copytree(small_engine, out / "eng")
+    shutil.copytree(small_bundle, out / "eng")
     before = read_manifest(out / "eng")
     proc = subprocess.Popen(
         [sys.executable, "-m", "protoad_export", "build", str(ten_images), "--name", "eng", "--out", str(out),
@@ -177,8 +177,8 @@ def test_disk_full_during_export_leaves_nothing(ten_images, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_manifest_is_json_with_sorted_keys(small_engine):
-    text = (small_engine / "manifest.json").read_text()
+def test_manifest_is_json_with_sorted_keys(small_bundle):
+    text = (small_bundle / "manifest.json").read_text()
     assert json.loads(text)["tool"] == "protoad-export"
 
 
@@ -199,8 +199,8 @@ def test_prototype_chunk_changes_the_graph_not_the_scores(ten_images, magnetic_t
         assert chunked.manifest["onnx"][precision]["ops"]["Max"] == -(-k // 1024) - 1
         assert "Max" not in whole.manifest["onnx"][precision]["ops"]
     images = sorted((magnetic_tile / "test" / "crack").iterdir())[:3]
-    a = predict_paths(load(chunked.engine_dir, "onnxruntime"), images)
-    b = predict_paths(load(whole.engine_dir, "onnxruntime"), images)
+    a = predict_paths(load(chunked.bundle_dir, "onnxruntime"), images)
+    b = predict_paths(load(whole.bundle_dir, "onnxruntime"), images)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-6, rtol=0)
     np.testing.assert_allclose(a.maps, b.maps, atol=1e-6, rtol=0)
 

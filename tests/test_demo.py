@@ -47,7 +47,7 @@ def test_dataset_is_deterministic(tmp_path):
 def test_demo_runs_end_to_end_with_tiny_settings(tmp_path):
     spec = DatasetSpec(train=7, test_good=2, test_per_defect=1, width=80, height=60)
     result = run_demo(tmp_path / "demo", spec=spec, crop=48, log=lambda _m: None, progress=False)
-    manifest = json.loads((result.engine_dir / "manifest.json").read_text())
+    manifest = json.loads((result.bundle_dir / "manifest.json").read_text())
     assert manifest["threshold"]["method"] == "frr" and manifest["holdout"]["count"] == 1
     report = json.loads((result.evaluation / "evaluation.json").read_text())
     assert set(report["methods"]) == {"protoad", "knn"}

@@ -22,9 +22,9 @@ FAKE_SLUG = "nvidia-fake-gpu-40gb"
 
 
 @pytest.fixture
-def engine_copy(small_engine, tmp_path):
-    """A private copy of the session engine directory (compile rewrites its manifest)."""
-    return shutil.copytree(small_engine, tmp_path / "small")
+def bundle_copy(small_bundle, tmp_path):
+    """A private copy of the session bundle (compile rewrites its manifest)."""
+    return shutil.copytree(small_bundle, tmp_path / "small")
 
 
 def install_fake(monkeypatch, version="10.9.0.34", gpu=FAKE_GPU, **kwargs):
@@ -70,21 +70,21 @@ def fake_model(memory: CpuMemory):
     return compute
 
 
-def test_compile_10x_uses_strongly_typed_flag_and_no_fp16_flag(monkeypatch, engine_copy):
+def test_compile_10x_uses_strongly_typed_flag_and_no_fp16_flag(monkeypatch, bundle_copy):
     trt = install_fake(monkeypatch, "10.9.0.34")
-    record = engine.compile_engine(engine_copy, batch_profile=(1, 2, 4), workspace_gib=1, optimization_level=4, log=None)
-    crop = read_manifest(engine_copy)["preprocessing"]["crop"]
+    record = engine.compile_engine(bundle_copy, batch_profile=(1, 2, 4), workspace_gib=1, optimization_level=4, log=None)
+    crop = read_manifest(bundle_copy)["preprocessing"]["crop"]
 
     assert called(trt, "create_network") == [(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED),)]
     assert called(trt, "set_flag") == []  # precision comes from the graph's casts, not BuilderFlag.FP16
     assert called(trt, "set_shape") == [("image", (1, 3, crop, crop), (2, 3, crop, crop), (4, 3, crop, crop))]
     assert called(trt, "set_memory_pool_limit") == [(trt.MemoryPoolType.WORKSPACE, 1 << 30)]
     assert called(trt, "config.builder_optimization_level=") == [(4,)]
-    assert called(trt, "parse_from_file") == [(str(engine_copy / "model.fp16.onnx"),)]
+    assert called(trt, "parse_from_file") == [(str(bundle_copy / "model.fp16.onnx"),)]
     assert called(trt, "create_timing_cache") == [(b"",)]
     assert called(trt, "set_timing_cache") == [(False,)]  # a foreign cache must not steer tactics
 
-    manifest = read_manifest(engine_copy, verify=True)
+    manifest = read_manifest(bundle_copy, verify=True)
     name = f"model.fp16.{FAKE_SLUG}.engine"
     assert record["file"] == name and name in manifest["files"]
     entry = manifest["tensorrt"]["engines"][FAKE_SLUG]
@@ -94,51 +94,51 @@ def test_compile_10x_uses_strongly_typed_flag_and_no_fp16_flag(monkeypatch, engi
     assert entry["build_seconds"] >= 0 and len(manifest["files"][name]["sha256"]) == 64
 
     # A second build starts from the timing cache kept beside the engines.
-    cache = (engine_copy / engine.TIMING_CACHE).read_bytes()
+    cache = (bundle_copy / engine.TIMING_CACHE).read_bytes()
     trt.calls.clear()
-    engine.compile_engine(engine_copy, log=None)
+    engine.compile_engine(bundle_copy, log=None)
     assert called(trt, "create_timing_cache") == [(cache,)]
     bp = manifest["batch_profile"]
     assert called(trt, "set_shape")[0][3][0] == bp["max"]  # default profile: the one recorded at build time
 
 
-def test_compile_11x_needs_no_flag_and_has_no_fp16(monkeypatch, engine_copy):
+def test_compile_11x_needs_no_flag_and_has_no_fp16(monkeypatch, bundle_copy):
     trt = install_fake(monkeypatch, "11.4.0.1")
     assert not hasattr(trt.BuilderFlag, "FP16")
     assert not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    engine.compile_engine(engine_copy, batch_profile=(1, 4, 8), log=None)
+    engine.compile_engine(bundle_copy, batch_profile=(1, 4, 8), log=None)
     assert called(trt, "create_network") == [(0,)]
     assert called(trt, "set_flag") == []
     assert called(trt, "set_memory_pool_limit") == []  # TensorRT's default workspace unless asked
-    assert read_manifest(engine_copy)["tensorrt"]["engines"][FAKE_SLUG]["tensorrt"] == "11.4.0.1"
+    assert read_manifest(bundle_copy)["tensorrt"]["engines"][FAKE_SLUG]["tensorrt"] == "11.4.0.1"
 
 
-def test_parser_error_names_the_node(monkeypatch, engine_copy):
+def test_parser_error_names_the_node(monkeypatch, bundle_copy):
     errors = [FakeParserError("Resize: antialias is not supported", 42, "/upsample/Resize", "Resize"),
               FakeParserError("second", 43, "/x", "Add")]
     install_fake(monkeypatch, parse_errors=errors)
     with pytest.raises(ArtifactError) as info:
-        engine.compile_engine(engine_copy, log=None)
+        engine.compile_engine(bundle_copy, log=None)
     message = str(info.value)
     assert "node 42 '/upsample/Resize' (Resize)" in message and "antialias" in message and "1 more" in message
     assert "\n" not in message
-    assert "tensorrt" not in read_manifest(engine_copy)
+    assert "tensorrt" not in read_manifest(bundle_copy)
 
 
-def test_failed_build_leaves_the_directory_unchanged(monkeypatch, engine_copy):
+def test_failed_build_leaves_the_directory_unchanged(monkeypatch, bundle_copy):
     install_fake(monkeypatch, build_fails=True)
-    before = (engine_copy / "manifest.json").read_bytes()
+    before = (bundle_copy / "manifest.json").read_bytes()
     with pytest.raises(ArtifactError, match="failed to build"):
-        engine.compile_engine(engine_copy, log=None)
-    assert (engine_copy / "manifest.json").read_bytes() == before
-    assert not list(engine_copy.glob("*.engine"))
+        engine.compile_engine(bundle_copy, log=None)
+    assert (bundle_copy / "manifest.json").read_bytes() == before
+    assert not list(bundle_copy.glob("*.engine"))
 
 
-def test_missing_requirements(monkeypatch, engine_copy):
+def test_missing_requirements(monkeypatch, bundle_copy):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as if not installed
     assert engine.missing_requirements() == "TensorRT is not installed"
     with pytest.raises(MissingDependencyError, match="ready to compile on the target machine"):
-        engine.compile_engine(engine_copy, log=None)
+        engine.compile_engine(bundle_copy, log=None)
     install_fake(monkeypatch)
     monkeypatch.setattr(engine, "_cuda_available", lambda: False)
     assert engine.missing_requirements() == "no CUDA GPU is visible"
@@ -147,31 +147,31 @@ def test_missing_requirements(monkeypatch, engine_copy):
     install_fake(monkeypatch)
     assert engine.missing_requirements() is None
     with pytest.raises(InputError, match="MIN <= OPT <= MAX"):
-        engine.compile_engine(engine_copy, batch_profile=(4, 2, 8), log=None)
+        engine.compile_engine(bundle_copy, batch_profile=(4, 2, 8), log=None)
 
 
-def test_compile_cli_without_tensorrt_is_one_line(monkeypatch, engine_copy):
+def test_compile_cli_without_tensorrt_is_one_line(monkeypatch, bundle_copy):
     from protoad_export.cli import main
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    result = CliRunner().invoke(main, ["compile", str(engine_copy)])
+    result = CliRunner().invoke(main, ["compile", str(bundle_copy)])
     assert result.exit_code == MissingDependencyError.exit_code
     assert result.output.count("\n") == 1 and "ONNX files" in result.output and "Traceback" not in result.output
 
 
 @pytest.fixture
-def compiled(monkeypatch, engine_copy):
+def compiled(monkeypatch, bundle_copy):
     trt = install_fake(monkeypatch)
-    engine.compile_engine(engine_copy, batch_profile=(1, 2, 4), log=None)
+    engine.compile_engine(bundle_copy, batch_profile=(1, 2, 4), log=None)
     trt.calls.clear()
-    return trt, engine_copy
+    return trt, bundle_copy
 
 
 def test_runtime_dynamic_batch_through_the_tensor_name_api(compiled):
-    trt, engine_dir = compiled
+    trt, bundle_dir = compiled
     memory = CpuMemory()
     trt.compute = fake_model(memory)
-    rt = trt_runtime.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
+    rt = trt_runtime.TensorRTRuntime(bundle_dir, read_manifest(bundle_dir), memory_factory=lambda: memory)
     assert {args[0] for args in called(trt, "set_tensor_address")} == {"image", "anomaly_map", "score"}
     crop = rt.contract.size
     images = np.random.default_rng(0).random((7, 3, crop, crop), dtype=np.float32)
@@ -188,12 +188,12 @@ def test_runtime_dynamic_batch_through_the_tensor_name_api(compiled):
         rt.set_batch(5)
 
 
-def _edit_entry(engine_dir, **changes):
-    path = engine_dir / "manifest.json"
+def _edit_entry(bundle_dir, **changes):
+    path = bundle_dir / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["tensorrt"]["engines"][FAKE_SLUG].update(changes)
     path.write_text(json.dumps(manifest))
-    return read_manifest(engine_dir)
+    return read_manifest(bundle_dir)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -201,35 +201,35 @@ def _edit_entry(engine_dir, **changes):
     ({"compute_capability": "9.0"}, "compute capability 9.0"),
 ])
 def test_runtime_refuses_other_version_or_gpu_before_deserialising(compiled, changes, message):
-    trt, engine_dir = compiled
-    manifest = _edit_entry(engine_dir, **changes)
+    trt, bundle_dir = compiled
+    manifest = _edit_entry(bundle_dir, **changes)
     with pytest.raises(ArtifactError, match=message):
-        trt_runtime.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(bundle_dir, manifest, memory_factory=CpuMemory)
     assert called(trt, "deserialize_cuda_engine") == []
 
 
-def test_runtime_refuses_engine_of_another_gpu_or_tampered_or_absent(compiled, monkeypatch, small_engine):
-    trt, engine_dir = compiled
-    manifest = read_manifest(engine_dir)
+def test_runtime_refuses_engine_of_another_gpu_or_tampered_or_absent(compiled, monkeypatch, small_bundle):
+    trt, bundle_dir = compiled
+    manifest = read_manifest(bundle_dir)
     monkeypatch.setattr(engine, "gpu_info", lambda: {"gpu": "NVIDIA Other", "compute_capability": "8.9"})
     with pytest.raises(ArtifactError, match="no engine for this GPU .NVIDIA Other.*NVIDIA Fake GPU"):
-        trt_runtime.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(bundle_dir, manifest, memory_factory=CpuMemory)
     monkeypatch.setattr(engine, "gpu_info", lambda: dict(FAKE_GPU))
-    with open(engine_dir / f"model.fp16.{FAKE_SLUG}.engine", "ab") as handle:
+    with open(bundle_dir / f"model.fp16.{FAKE_SLUG}.engine", "ab") as handle:
         handle.write(b"x")
     with pytest.raises(ArtifactError, match="sha256"):
-        trt_runtime.TensorRTRuntime(engine_dir, manifest, memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(bundle_dir, manifest, memory_factory=CpuMemory)
     assert called(trt, "deserialize_cuda_engine") == []
     with pytest.raises(ArtifactError, match="protoad-export compile"):
-        trt_runtime.TensorRTRuntime(small_engine, read_manifest(small_engine), memory_factory=CpuMemory)
+        trt_runtime.TensorRTRuntime(small_bundle, read_manifest(small_bundle), memory_factory=CpuMemory)
 
 
-def test_load_tensorrt_backend_explains_what_is_missing(monkeypatch, small_engine):
+def test_load_tensorrt_backend_explains_what_is_missing(monkeypatch, small_bundle):
     from protoad_export.runtime import load
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(ArtifactError, match="no TensorRT engine"):
-        load(small_engine, "tensorrt")
+        load(small_bundle, "tensorrt")
 
 
 def _real_tensorrt_reason() -> str | None:
@@ -244,13 +244,13 @@ def _real_tensorrt_reason() -> str | None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_real_tensorrt_reason() is not None, reason=f"real TensorRT test: {_real_tensorrt_reason()}")
-def test_real_tensorrt_engine_matches_onnxruntime(engine_copy):
+def test_real_tensorrt_engine_matches_onnxruntime(bundle_copy):
     from protoad_export.evaluation.bench import DEFAULT_TOLERANCES
     from protoad_export.runtime import load
 
-    engine.compile_engine(engine_copy, batch_profile=(1, 4, 8), log=None)
-    trt_rt = load(engine_copy, "tensorrt")
-    ort_rt = load(engine_copy, "onnxruntime", precision="fp32")
+    engine.compile_engine(bundle_copy, batch_profile=(1, 4, 8), log=None)
+    trt_rt = load(bundle_copy, "tensorrt")
+    ort_rt = load(bundle_copy, "onnxruntime", precision="fp32")
     crop = trt_rt.contract.size
     images = np.random.default_rng(0).random((9, 3, crop, crop), dtype=np.float32)
     maps, scores = trt_rt.predict(images)
@@ -277,10 +277,10 @@ def test_trtexec_style_timing_runs_the_three_steps(compiled, monkeypatch):
             return (end.t - self.t) * 1e3
 
     monkeypatch.setattr(torch.cuda, "Event", WallClockEvent)
-    trt, engine_dir = compiled
+    trt, bundle_dir = compiled
     memory = CpuMemory()
     trt.compute = fake_model(memory)
-    rt = trt_runtime.TensorRTRuntime(engine_dir, read_manifest(engine_dir), memory_factory=lambda: memory)
+    rt = trt_runtime.TensorRTRuntime(bundle_dir, read_manifest(bundle_dir), memory_factory=lambda: memory)
     images = np.zeros((2, 3, rt.contract.size, rt.contract.size), np.float32)
     res = time_gpu(rt, images, "tensorrt", warmup=1, iterations=3, cuda_graph=True)
     assert res.batch == 2 and res.iterations >= 3 and res.compute is not None and res.h2d is not None

@@ -12,16 +12,16 @@ from PIL import Image
 from protoad_export.errors import InputError
 from protoad_export.data.datasets import load_test_set
 from protoad_export.data.images import Preprocessing, load_mask
-from protoad_export.evaluation.evaluate import evaluate_engine, format_table
+from protoad_export.evaluation.evaluate import evaluate_bundle, format_table
 from protoad_export.evaluation.knn import KnnBaseline, bank_images, nearest_similarity
 from protoad_export.runtime import preprocess_paths
 
 
 @pytest.fixture(scope="module")
-def knn_report(small_engine, small_category, tmp_path_factory):
+def knn_report(small_bundle, small_category, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     # An 8-image bank keeps the exact search to seconds; bank_images() picks them evenly by name.
-    return evaluate_engine(small_engine, small_category, baseline="knn", baseline_train_images=8, out_dir=out), out
+    return evaluate_bundle(small_bundle, small_category, baseline="knn", baseline_train_images=8, out_dir=out), out
 
 
 def test_report_has_metrics_per_defect_and_overall(knn_report):
@@ -75,10 +75,10 @@ def test_json_and_plots_are_written(knn_report):
     assert "overall" in table and "crack" in table and "knn" in table
 
 
-def test_knn_bank_is_every_patch_of_the_fitting_images(knn_report, small_engine):
+def test_knn_bank_is_every_patch_of_the_fitting_images(knn_report, small_bundle):
     report, _ = knn_report
     knn = report["methods"]["knn"]
-    manifest = json.loads((small_engine / "manifest.json").read_text())
+    manifest = json.loads((small_bundle / "manifest.json").read_text())
     assert knn["bank_images"] == 8 < manifest["train"]["images"] and knn["bank_subsampled"]
     assert knn["bank_patches"] == 8 * 56 * 56 and knn["dim"] == 176
     fit = bank_images(manifest)
@@ -86,22 +86,22 @@ def test_knn_bank_is_every_patch_of_the_fitting_images(knn_report, small_engine)
     assert report["methods"]["protoad"]["prototypes"] == manifest["prototypes"]["count"] < knn["bank_patches"]
 
 
-def test_knn_scores_a_bank_image_as_normal(small_engine):
+def test_knn_scores_a_bank_image_as_normal(small_bundle):
     from protoad_export.bundle import read_manifest
 
-    manifest = read_manifest(small_engine)
+    manifest = read_manifest(small_bundle)
     bank = bank_images(manifest, 2)
     assert len(bank) == 2 and not {p.name for p in bank} & set(manifest["holdout"]["images"])
-    knn = KnnBaseline(small_engine, manifest, bank)
+    knn = KnnBaseline(small_bundle, manifest, bank)
     maps, scores = knn.predict(preprocess_paths(bank[:1], manifest))
     assert maps.shape == (1, 224, 224)
     assert scores[0] < 2e-3  # its own patches are in the bank (up to FP16 storage)
 
 
-def test_masks_follow_the_engine_geometry(small_engine, small_category, tmp_path):
+def test_masks_follow_the_engine_geometry(small_bundle, small_category, tmp_path):
     from protoad_export.bundle import read_manifest
 
-    prep = Preprocessing.from_manifest(read_manifest(small_engine))
+    prep = Preprocessing.from_manifest(read_manifest(small_bundle))
     test = load_test_set(small_category, prep)
     i = next(k for k, s in enumerate(test.samples) if s.mask_path is not None)
     assert np.array_equal(test.masks[i], prep.mask_array(load_mask(test.samples[i].mask_path)))
@@ -123,21 +123,21 @@ def test_masks_follow_the_engine_geometry(small_engine, small_category, tmp_path
     assert test.labels.sum() == 6
 
 
-def test_eval_cli_writes_json_and_rejects_bad_input(small_engine, small_category, tmp_path):
+def test_eval_cli_writes_json_and_rejects_bad_input(small_bundle, small_category, tmp_path):
     from protoad_export.cli import main
 
     runner = CliRunner()
-    result = runner.invoke(main, ["eval", str(small_engine), str(small_category), "--out", str(tmp_path / "ev"),
+    result = runner.invoke(main, ["eval", str(small_bundle), str(small_category), "--out", str(tmp_path / "ev"),
                                   "--json", str(tmp_path / "r.json"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "overall" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["methods"]) == {"protoad"} and report["methods"]["protoad"]["backend"] == "onnxruntime"
 
-    result = runner.invoke(main, ["eval", str(small_engine), str(tmp_path / "nowhere"), "--quiet"])
+    result = runner.invoke(main, ["eval", str(small_bundle), str(tmp_path / "nowhere"), "--quiet"])
     assert result.exit_code == 2 and result.output.startswith("error:") and "Traceback" not in result.output
     with pytest.raises(InputError, match="baseline"):
-        evaluate_engine(small_engine, small_category, baseline="faiss")
+        evaluate_bundle(small_bundle, small_category, baseline="faiss")
 
 
 @pytest.mark.parametrize("blocks", [(None, None), (7, 5), (1000, 3)])

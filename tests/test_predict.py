@@ -17,24 +17,24 @@ from protoad_export.predict import HEATMAP_SCALE, colorize, predict
 
 
 @pytest.fixture(scope="module")
-def engine_with_threshold(small_engine, tmp_path_factory):
+def bundle_with_threshold(small_bundle, tmp_path_factory):
     """A copy of the shared engine (never modified) with a threshold in its manifest."""
     engine = tmp_path_factory.mktemp("pred") / "engine"
-    shutil.copytree(small_engine, engine)
+    shutil.copytree(small_bundle, engine)
     return engine
 
 
 @pytest.fixture(scope="module")
-def predicted(engine_with_threshold, small_category, tmp_path_factory):
+def predicted(bundle_with_threshold, small_category, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred_out")
     # Midway between the hold-out score and the top test score, so both decisions occur.
     from protoad_export.runtime import load, predict_paths
 
     paths = sorted((small_category / "test").glob("*/*.jpg"))
-    scores = predict_paths(load(engine_with_threshold), paths).scores
+    scores = predict_paths(load(bundle_with_threshold), paths).scores
     threshold = float(np.median(scores))
-    add_files_to_manifest(engine_with_threshold, [], {"threshold": {"value": threshold, "method": "manual"}})
-    results = predict(engine_with_threshold, [small_category / "test" / "good", str(small_category / "test" / "c*" / "*.jpg"),
+    add_files_to_manifest(bundle_with_threshold, [], {"threshold": {"value": threshold, "method": "manual"}})
+    results = predict(bundle_with_threshold, [small_category / "test" / "good", str(small_category / "test" / "c*" / "*.jpg"),
                                               small_category / "test" / "blowhole"], out)
     return results, out, threshold
 
@@ -73,28 +73,28 @@ def test_heatmap_scale_is_fixed_not_per_image():
     assert np.array_equal(colorize(np.full((2, 2), 5.0), 0.4), colorize(np.full((2, 2), 0.4), 0.4))  # clipped
 
 
-def test_unreadable_images_and_duplicate_names(engine_with_threshold, small_category, tmp_path):
+def test_unreadable_images_and_duplicate_names(bundle_with_threshold, small_category, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     good = sorted((small_category / "test" / "good").iterdir())[0]
     (a / "x.png").symlink_to(good)
     (b / "x.png").symlink_to(good)
     (b / "broken.png").write_bytes(b"not a png")
-    results = predict(engine_with_threshold, [a, b], tmp_path / "out", threshold=0.5)
+    results = predict(bundle_with_threshold, [a, b], tmp_path / "out", threshold=0.5)
     by_name = {r.path: r for r in results}
     assert by_name[str(b / "broken.png")].decision == "error"
     assert {r.heatmap for r in results if r.heatmap} == {"heatmaps/a_x.png", "heatmaps/b_x.png"}
     with pytest.raises(InputError, match="could be read"):
-        predict(engine_with_threshold, [b / "broken.png"], tmp_path / "out2", threshold=0.5)
+        predict(bundle_with_threshold, [b / "broken.png"], tmp_path / "out2", threshold=0.5)
 
 
-def test_no_threshold_is_a_clear_error(small_engine, small_category, tmp_path):
+def test_no_threshold_is_a_clear_error(small_bundle, small_category, tmp_path):
     from protoad_export.cli import main
 
-    result = CliRunner().invoke(main, ["predict", str(small_engine), str(small_category / "test" / "good"),
+    result = CliRunner().invoke(main, ["predict", str(small_bundle), str(small_category / "test" / "good"),
                                        "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 2 and "calibrate" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["predict", str(small_engine), str(small_category / "test" / "good"),
+    result = CliRunner().invoke(main, ["predict", str(small_bundle), str(small_category / "test" / "good"),
                                        "--out", str(tmp_path / "o"), "--threshold", "0.3", "--quiet"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "results.csv").is_file() and "4 images" in result.output

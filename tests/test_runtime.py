@@ -14,23 +14,23 @@ from protoad_export.runtime import fitting_batch, load, predict_paths, preproces
 
 
 @pytest.fixture(scope="module")
-def real_batch(small_engine, small_category):
+def real_batch(small_bundle, small_category):
     from protoad_export.bundle import read_manifest
 
     paths = [s.path for s in category_test_set(small_category)][:6]
-    return paths, preprocess_paths(paths, read_manifest(small_engine))
+    return paths, preprocess_paths(paths, read_manifest(small_bundle))
 
 
 @pytest.fixture(scope="module")
-def torch_fp32(small_engine):
-    return load(small_engine, "torch")
+def torch_fp32(small_bundle):
+    return load(small_bundle, "torch")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_onnxruntime_agrees_with_torch_fp32(small_engine, real_batch, torch_fp32, precision):
+def test_onnxruntime_agrees_with_torch_fp32(small_bundle, real_batch, torch_fp32, precision):
     _paths, images = real_batch
     ref_maps, ref_scores = torch_fp32.predict(images)
-    rt = load(small_engine, "onnxruntime", precision=precision)
+    rt = load(small_bundle, "onnxruntime", precision=precision)
     assert rt.backend == "onnxruntime" and rt.precision == precision and "CPUExecutionProvider" in rt.providers
     maps, scores = rt.predict(images)
     assert maps.shape == ref_maps.shape == (len(images), *images.shape[2:]) and maps.dtype == np.float32
@@ -41,9 +41,9 @@ def test_onnxruntime_agrees_with_torch_fp32(small_engine, real_batch, torch_fp32
     np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), rtol=1e-6)
 
 
-def test_predict_paths_batches_like_predict(small_engine, real_batch):
+def test_predict_paths_batches_like_predict(small_bundle, real_batch):
     paths, images = real_batch
-    rt = load(small_engine, "onnxruntime")
+    rt = load(small_bundle, "onnxruntime")
     pred = predict_paths(rt, paths, batch_size=4)
     maps, scores = rt.predict(images)
     assert pred.paths == list(paths)
@@ -51,27 +51,27 @@ def test_predict_paths_batches_like_predict(small_engine, real_batch):
     np.testing.assert_allclose(pred.scores, scores, atol=1e-6)
 
 
-def test_bad_requests_are_input_errors(small_engine, torch_fp32):
+def test_bad_requests_are_input_errors(small_bundle, torch_fp32):
     with pytest.raises(InputError, match="unknown backend"):
-        load(small_engine, "tflite")
+        load(small_bundle, "tflite")
     with pytest.raises(InputError, match="CUDA only"):
-        load(small_engine, "torch", precision="fp16", device="cpu")
+        load(small_bundle, "torch", precision="fp16", device="cpu")
     with pytest.raises(InputError, match="CUDA only"):
-        load(small_engine, "torch", precision="fp32", device="cpu", compile=True)
+        load(small_bundle, "torch", precision="fp32", device="cpu", compile=True)
     with pytest.raises(InputError, match="FP16"):
-        load(small_engine, "tensorrt", precision="fp32")
+        load(small_bundle, "tensorrt", precision="fp32")
     with pytest.raises(MissingDependencyError, match="NoSuchExecutionProvider"):
-        load(small_engine, "onnxruntime", providers=["NoSuchExecutionProvider"])
+        load(small_bundle, "onnxruntime", providers=["NoSuchExecutionProvider"])
     with pytest.raises(InputError, match=r"expected float32 \[B, 3, 224, 224\].*got shape"):
         torch_fp32.predict(np.zeros((2, 3, 32, 32), np.float32))
 
 
-def test_tampered_file_is_refused(small_engine, tmp_path):
+def test_tampered_file_is_refused(small_bundle, tmp_path):
     import shutil
 
     from protoad_export.errors import ArtifactError
 
-    copy = shutil.copytree(small_engine, tmp_path / "e")
+    copy = shutil.copytree(small_bundle, tmp_path / "e")
     with open(copy / "model.fp32.onnx", "ab") as handle:
         handle.write(b"\0")
     with pytest.raises(ArtifactError, match="sha256"):
@@ -102,10 +102,10 @@ def test_batches_are_cut_to_the_similarity_budget():
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_out_of_range_and_non_finite_input_is_refused(small_engine, real_batch, torch_fp32, backend):
+def test_out_of_range_and_non_finite_input_is_refused(small_bundle, real_batch, torch_fp32, backend):
     """Input the graph would score silently wrong: uint8 0-255 (every part defective), other dtypes,
     bool, values outside [0, 1] and NaN or inf. One InputError saying what is expected."""
-    rt = torch_fp32 if backend == "torch" else load(small_engine, "onnxruntime")
+    rt = torch_fp32 if backend == "torch" else load(small_bundle, "onnxruntime")
     _paths, images = real_batch
     x = images[:2]
     cases = {
@@ -124,7 +124,7 @@ def test_out_of_range_and_non_finite_input_is_refused(small_engine, real_batch, 
         rt.predict([x[0], x[0, :, :10]])
 
 
-def test_pil_images_of_any_size_are_preprocessed_like_files(small_engine, real_batch, torch_fp32):
+def test_pil_images_of_any_size_are_preprocessed_like_files(small_bundle, real_batch, torch_fp32):
     """A list of PIL images of different sizes (a raw numpy error before) is preprocessed with the
     engine's own preprocessing, as files are."""
     from PIL import Image
@@ -143,7 +143,7 @@ def test_pil_images_of_any_size_are_preprocessed_like_files(small_engine, real_b
         torch_fp32.predict([pictures[0], images[0]])
 
 
-def test_a_picture_with_an_exif_orientation_scores_as_upright(small_engine, real_batch, torch_fp32, tmp_path):
+def test_a_picture_with_an_exif_orientation_scores_as_upright(small_bundle, real_batch, torch_fp32, tmp_path):
     """The same real picture stored turned with orientation tag 6 scores as the upright one (it scored
     0.575 against 0.435 when the tag was ignored)."""
     from PIL import Image

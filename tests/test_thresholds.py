@@ -90,7 +90,7 @@ def test_f1_threshold_ties_prefer_the_higher_threshold_and_separable_case():
 
 
 def _fake_engine(tmp_path, holdout):
-    """An engine directory with a manifest of the schema read_manifest checks, and no files."""
+    """A bundle with a manifest of the schema read_manifest checks, and no files."""
     engine = tmp_path / "engine"
     engine.mkdir()
     write_manifest(engine, {
@@ -126,8 +126,8 @@ def test_calibrate_without_holdout_is_a_clear_error(tmp_path):
     assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
 
 
-def test_holdout_is_recorded_and_scored_by_build(small_engine, small_category):
-    m = read_manifest(small_engine)
+def test_holdout_is_recorded_and_scored_by_build(small_bundle, small_category):
+    m = read_manifest(small_bundle)
     h = m["holdout"]
     names = sorted(p.name for p in (small_category / "train" / "good").iterdir())
     fit, held = split_holdout(names, 0.1, 5)
@@ -138,15 +138,15 @@ def test_holdout_is_recorded_and_scored_by_build(small_engine, small_category):
     # The recorded score is what the FP32 torch network gives for that image.
     from protoad_export.runtime import load, predict_paths
 
-    preds = predict_paths(load(small_engine, "torch"), [small_category / "train" / "good" / h["images"][0]])
+    preds = predict_paths(load(small_bundle, "torch"), [small_category / "train" / "good" / h["images"][0]])
     assert preds.scores[0] == pytest.approx(h["scores"][0], rel=1e-4)
 
 
-def test_calibrate_cli_with_data_chooses_f1(small_engine, small_category, tmp_path):
+def test_calibrate_cli_with_data_chooses_f1(small_bundle, small_category, tmp_path):
     import shutil
 
     engine = tmp_path / "engine"
-    shutil.copytree(small_engine, engine)
+    shutil.copytree(small_bundle, engine)
     from protoad_export.cli import main
 
     result = CliRunner().invoke(main, ["calibrate", str(engine), "--data", str(small_category), "--quiet"])

@@ -1,8 +1,8 @@
-"""``build``: a folder of normal images -> an engine directory (prototypes, ONNX FP32 and FP16, manifest).
+"""``build``: a folder of normal images -> a bundle (prototypes, ONNX FP32 and FP16, manifest).
 
 The Python API behind ``protoad-export build``. Everything is assembled in a staging directory
 beside the destination and swapped in at the end, so a failed or killed build leaves any earlier
-engine directory of the same name untouched.
+bundle of the same name untouched.
 """
 
 from __future__ import annotations

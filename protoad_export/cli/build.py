@@ -88,10 +88,10 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
     for fname, entry in m["files"].items():
         click.echo(f"  {fname:<18} {entry['bytes'] / 2**20:8.1f} MiB  sha256 {entry['sha256'][:12]}")
     click.echo("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()) + f"; peak RSS {m['build']['peak_rss_mib']:.0f} MiB")
-    _compile_after_build(result.engine_dir, batch_profile)
+    _compile_after_build(result.bundle_dir, batch_profile)
 
 
-def _compile_after_build(engine_dir: Path, batch_profile) -> None:
+def _compile_after_build(bundle_dir: Path, batch_profile) -> None:
     """Last step of build: compile when TensorRT and a GPU are here, else say the ONNX files are ready."""
     try:
         from ..export import tensorrt as trt_engine
@@ -100,8 +100,8 @@ def _compile_after_build(engine_dir: Path, batch_profile) -> None:
     missing = trt_engine.missing_requirements() if trt_engine else "TensorRT support is not installed"
     if missing:
         click.echo(f"ONNX files are ready; not compiled to TensorRT here ({missing}): "
-                   f"run `protoad-export compile {engine_dir}` on the target machine")
+                   f"run `protoad-export compile {bundle_dir}` on the target machine")
         return
-    trt_engine.compile_engine(engine_dir, batch_profile=batch_profile, log=click.echo)
+    trt_engine.compile_engine(bundle_dir, batch_profile=batch_profile, log=click.echo)
 
 

@@ -14,7 +14,7 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 @main.command("compile")
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--batch", "batch_profile", default=None, type=BatchProfile(),
               help="Optimisation profile for the batch axis [default: the one recorded at build time].")
 @click.option("--workspace", default=None, type=click.FloatRange(min=0, min_open=True),
@@ -22,11 +22,11 @@ def _fmt(value, spec: str = ".4f") -> str:
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
               help="TensorRT builder optimisation level.")
 @handle_errors
-def compile_cmd(engine_dir, batch_profile, workspace, opt_level) -> None:
-    """Compile ENGINE_DIR/model.fp16.onnx into a TensorRT engine for this GPU."""
+def compile_cmd(bundle_dir, batch_profile, workspace, opt_level) -> None:
+    """Compile BUNDLE/model.fp16.onnx into a TensorRT engine for this GPU."""
     from ..export.tensorrt import compile_engine
 
-    compile_engine(engine_dir, batch_profile=batch_profile, workspace_gib=workspace,
+    compile_engine(bundle_dir, batch_profile=batch_profile, workspace_gib=workspace,
                    optimization_level=opt_level, log=click.echo)
 
 
@@ -70,7 +70,7 @@ def print_report(report: dict) -> None:
 
 
 @main.command("bench")
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--backend", "backends", multiple=True,
               type=click.Choice(["torch", "torch-fp16", "torch-fp16-compile", "onnxruntime", "onnxruntime-fp16", "tensorrt"]),
               help="Backend to check (repeatable) [default: every one that can run here].")
@@ -91,7 +91,7 @@ def print_report(report: dict) -> None:
               help="Time each case for at least this many seconds.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full report here.")
 @handle_errors
-def bench_cmd(engine_dir, backends, data, limit, fps, batch_sizes, device, atol, rtol, auroc_tol, warmup,
+def bench_cmd(bundle_dir, backends, data, limit, fps, batch_sizes, device, atol, rtol, auroc_tol, warmup,
               iterations, duration, json_path) -> None:
     """Check every backend against PyTorch FP32 on real images, then (--fps) time it.
 
@@ -103,7 +103,7 @@ def bench_cmd(engine_dir, backends, data, limit, fps, batch_sizes, device, atol,
 
     if json_path:
         output_folder(json_path.parent, "--json")
-    report = bench(engine_dir, backends or None, data, limit, fps, batch_sizes, device, atol, rtol, auroc_tol,
+    report = bench(bundle_dir, backends or None, data, limit, fps, batch_sizes, device, atol, rtol, auroc_tol,
                    warmup, iterations, duration, log=click.echo)
     print_report(report)
     if json_path:

@@ -12,7 +12,7 @@ BACKEND_CHOICE = click.Choice(["onnxruntime", "torch", "tensorrt"])
 
 
 @main.command("eval")
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--backend", default="onnxruntime", show_default=True, type=BACKEND_CHOICE)
 @click.option("--precision", default=None, type=click.Choice(["fp32", "fp16"]), help="Default: the backend's.")
@@ -24,20 +24,20 @@ BACKEND_CHOICE = click.Choice(["onnxruntime", "torch", "tensorrt"])
 @click.option("--baseline-train-images", default=None, type=click.IntRange(min=1),
               help="Bank from this many fitting images, evenly spaced by name (default: all; exact search is costly).")
 @click.option("--out", default=None, type=click.Path(path_type=Path),
-              help="Folder for evaluation.json and the plots [default: eval-<engine name>].")
+              help="Folder for evaluation.json and the plots [default: eval-<bundle name>].")
 @click.option("--json", "json_path", default=None, type=click.Path(path_type=Path), help="Also write the report here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def eval_command(engine_dir, data, backend, precision, device, batch_size, baseline, baseline_train_images,
+def eval_command(bundle_dir, data, backend, precision, device, batch_size, baseline, baseline_train_images,
                  out, json_path, quiet) -> None:
     """Image AUROC, pixel AUROC and PRO per defect type and overall on an MVTec-style category DATA."""
     from ..bundle import atomic_write_json, output_folder
-    from ..evaluation.evaluate import evaluate_engine, format_table
+    from ..evaluation.evaluate import evaluate_bundle, format_table
 
-    out = out or Path(f"eval-{Path(engine_dir).resolve().name}")
+    out = out or Path(f"eval-{Path(bundle_dir).resolve().name}")
     if json_path:
         output_folder(json_path.parent, "--json")
-    report = evaluate_engine(engine_dir, data, backend, precision, batch_size, baseline, baseline_train_images,
+    report = evaluate_bundle(bundle_dir, data, backend, precision, batch_size, baseline, baseline_train_images,
                              device, out, progress=not quiet, log=click.echo)
     click.echo(format_table(report))
     if json_path:
@@ -46,7 +46,7 @@ def eval_command(engine_dir, data, backend, precision, device, batch_size, basel
 
 
 @main.command()
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--target-frr", default=0.01, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Share of normal parts you accept to reject; the threshold is that quantile of the hold-out scores.")
 @click.option("--data", default=None, type=click.Path(path_type=Path),
@@ -54,13 +54,13 @@ def eval_command(engine_dir, data, backend, precision, device, batch_size, basel
 @click.option("--backend", default="onnxruntime", show_default=True, type=BACKEND_CHOICE, help="Used with --data.")
 @click.option("--quiet", is_flag=True)
 @handle_errors
-def calibrate(engine_dir, target_frr, data, backend, quiet) -> None:
+def calibrate(bundle_dir, target_frr, data, backend, quiet) -> None:
     """Set the engine's decision threshold (defective if score > threshold) and store it in its manifest."""
     from ..evaluation.thresholds import calibrate as run_calibrate
 
-    t = run_calibrate(engine_dir, target_frr, data, backend, progress=not quiet)
+    t = run_calibrate(bundle_dir, target_frr, data, backend, progress=not quiet)
     d = t.details
-    click.echo(f"threshold {t.value:.6f} ({t.rule}), method {t.method}, stored in {engine_dir}/manifest.json")
+    click.echo(f"threshold {t.value:.6f} ({t.rule}), method {t.method}, stored in {bundle_dir}/manifest.json")
     if t.method == "frr":
         click.echo(f"  {d['normal_scores']} hold-out scores: empirical FRR {100 * d['empirical_frr']:.2f} % "
                    f"(target {100 * d['target_frr']:.2f} %), 95 % upper bound on the true FRR {100 * d['frr_upper_95']:.1f} %")
@@ -73,7 +73,7 @@ def calibrate(engine_dir, target_frr, data, backend, quiet) -> None:
 
 
 @main.command("predict")
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--backend", default="onnxruntime", show_default=True, type=BACKEND_CHOICE)
@@ -84,7 +84,7 @@ def calibrate(engine_dir, target_frr, data, backend, quiet) -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--quiet", is_flag=True)
 @handle_errors
-def predict_command(engine_dir, images, out, backend, precision, device, threshold, batch_size, quiet) -> None:
+def predict_command(bundle_dir, images, out, backend, precision, device, threshold, batch_size, quiet) -> None:
     """Score IMAGES (files, folders, globs): decisions, heat maps, overlays, masks, results.csv/json in --out.
 
     Heat maps use one colour scale for all images, 0 to 2x the threshold. Overlays and masks are at
@@ -92,7 +92,7 @@ def predict_command(engine_dir, images, out, backend, precision, device, thresho
     """
     from ..predict import predict
 
-    results = predict(engine_dir, images, out, backend=backend, threshold=threshold, batch_size=batch_size,
+    results = predict(bundle_dir, images, out, backend=backend, threshold=threshold, batch_size=batch_size,
                       precision=precision, device=device, progress=not quiet)
     counts = {k: sum(r.decision == k for r in results) for k in ("good", "defective", "error")}
     for r in results:
@@ -118,6 +118,6 @@ def demo(out, data, seed, crop, no_baseline, quiet) -> None:
     result = run_demo(out, data, seed, crop=crop, baseline=not no_baseline, log=click.echo, progress=not quiet)
     click.echo("")
     click.echo(f"dataset:     {result.data}")
-    click.echo(f"engine:      {result.engine_dir}  (ONNX FP32/FP16, prototypes, manifest with threshold)")
+    click.echo(f"engine:      {result.bundle_dir}  (ONNX FP32/FP16, prototypes, manifest with threshold)")
     click.echo(f"evaluation:  {result.evaluation}/evaluation.json, roc.png, histogram.png")
     click.echo(f"predictions: {result.predictions}/results.csv, heatmaps/, overlays/, masks/")

@@ -154,7 +154,7 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def open_backend(engine_dir: Path, name: str, device: str):
+def open_backend(bundle_dir: Path, name: str, device: str):
     """Load one backend by its bench name (see BACKEND_SPECS)."""
     from ..runtime import load
 
@@ -162,9 +162,9 @@ def open_backend(engine_dir: Path, name: str, device: str):
         raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
     backend, precision, compiled = BACKEND_SPECS[name]
     if backend == "torch":
-        return load(engine_dir, "torch", precision=precision, device="cuda" if precision == "fp16" else device,
+        return load(bundle_dir, "torch", precision=precision, device="cuda" if precision == "fp16" else device,
                     compile=compiled)
-    return load(engine_dir, backend, precision=precision)
+    return load(bundle_dir, backend, precision=precision)
 
 
 def default_backends(device: str) -> list[str]:
@@ -180,7 +180,7 @@ def default_backends(device: str) -> list[str]:
 
 
 def bench(
-    engine_dir: str | Path,
+    bundle_dir: str | Path,
     backends: Sequence[str] | None = None,
     data: str | Path | None = None,
     limit: int | None = None,
@@ -204,8 +204,8 @@ def bench(
     from .timing import time_runtime
 
     log = log or (lambda _msg: None)
-    engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir, verify=True)
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir, verify=True)
     from ..model.features import resolve_device
 
     device = resolve_device(device).type
@@ -223,12 +223,12 @@ def bench(
     images = load_test_images(manifest, data, limit)
     log(f"fidelity: {len(images.paths)} images from {images.source}, reference PyTorch FP32 on {device}")
 
-    reference = open_backend(engine_dir, "torch", device)
+    reference = open_backend(bundle_dir, "torch", device)
     ref_maps, ref_scores = run_all(reference, images, batch_size)
     ref_maps64, ref_scores64 = ref_maps.astype(np.float64), ref_scores.astype(np.float64)
     ref_aurocs = _aurocs(images, ref_maps, ref_scores)
     report: dict[str, Any] = {
-        "engine_dir": str(engine_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bundle_dir": str(bundle_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "device": device,
         "model": {"backbone": manifest["backbone"]["name"], "prototypes": manifest["prototypes"]["count"],
                   "crop": manifest["preprocessing"]["crop"]},
@@ -240,7 +240,7 @@ def bench(
     runtimes = {}
     for name in backends:
         try:
-            rt = reference if name == "torch" else open_backend(engine_dir, name, device)
+            rt = reference if name == "torch" else open_backend(bundle_dir, name, device)
         except ProtoADError as exc:
             if name == "tensorrt" or name.startswith("torch-fp16"):
                 report["skipped"][name] = str(exc)  # optional backends: say why and go on

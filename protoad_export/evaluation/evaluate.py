@@ -82,8 +82,8 @@ def image_auroc_differences(defects: Sequence[str], scores: np.ndarray, referenc
     return out
 
 
-def evaluate_engine(
-    engine_dir: str | Path,
+def evaluate_bundle(
+    bundle_dir: str | Path,
     data: str | Path,
     backend: str = "onnxruntime",
     precision: str | None = None,
@@ -110,9 +110,9 @@ def evaluate_engine(
         raise InputError(f"unknown baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
     # --device is the torch backend's and the kNN baseline's: ONNX Runtime takes its best providers
     # (a CUDA kNN search beside a CPU-only onnxruntime is a normal set-up).
-    runtime = load(engine_dir, backend, precision=precision, device=device if backend == "torch" else "cpu")
+    runtime = load(bundle_dir, backend, precision=precision, device=device if backend == "torch" else "cpu")
     manifest = runtime.manifest
-    threshold = manifest_threshold(manifest, engine_dir)  # a bad one stops here, before any image is read
+    threshold = manifest_threshold(manifest, bundle_dir)  # a bad one stops here, before any image is read
     test = load_test_set(data, runtime.preprocessing)
     # A production category may have no masks at all: image AUROC still means something, pixel
     # metrics cannot; say so once rather than fail or print a silent "n/a".
@@ -139,7 +139,7 @@ def evaluate_engine(
     if baseline == "knn":
         bank = bank_images(manifest, baseline_train_images)
         log(f"kNN baseline: memory bank of all patches of {len(bank)} training images")
-        knn = KnnBaseline(engine_dir, manifest, bank, device=device, batch_size=batch_size, progress=progress)
+        knn = KnnBaseline(bundle_dir, manifest, bank, device=device, batch_size=batch_size, progress=progress)
         t0 = time.perf_counter()
         kpred = predict_paths(knn, paths, batch_size, progress=progress, desc="kNN")
         kmaps, kscores, ksecs = kpred.maps, kpred.scores, time.perf_counter() - t0
@@ -155,7 +155,7 @@ def evaluate_engine(
         methods["protoad"]["image_auroc_minus_knn"] = image_auroc_differences([s.defect for s in test.samples], scores, kscores)
         del knn, kmaps
     report = {
-        "engine": str(Path(engine_dir).resolve()), "data": str(Path(data).resolve()),
+        "engine": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "device": device},

@@ -113,11 +113,11 @@ def f1_threshold(labels: Sequence[int], scores: Sequence[float]) -> Threshold:
 
 
 # --------------------------------------------------------------------------------------------
-# Engine directories
+# Bundles
 
 
 def calibrate(
-    engine_dir: str | Path,
+    bundle_dir: str | Path,
     target_frr: float = 0.01,
     data: str | Path | None = None,
     backend: str = "onnxruntime",
@@ -126,11 +126,11 @@ def calibrate(
 ) -> Threshold:
     """Set and store an engine's threshold: from the hold-out (``target_frr``) or, with ``data``, F1-optimal.
 
-    The threshold is written into the manifest (atomically), so the engine directory carries it.
+    The threshold is written into the manifest (atomically), so the bundle carries it.
     """
     from ..bundle import add_files_to_manifest, read_manifest
 
-    manifest = read_manifest(engine_dir, verify=True)
+    manifest = read_manifest(bundle_dir, verify=True)
     if data is None:
         holdout = manifest.get("holdout")
         if not holdout or not holdout.get("scores"):
@@ -138,7 +138,7 @@ def calibrate(
             if reason is None and holdout and holdout.get("skipped"):
                 reason = f"all {len(holdout['skipped'])} held-out images were unreadable"
             raise ArtifactError(
-                f"{engine_dir} has no hold-out scores ({reason or 'built with --holdout 0 or by an older version'}): "
+                f"{bundle_dir} has no hold-out scores ({reason or 'built with --holdout 0 or by an older version'}): "
                 "rebuild, or calibrate with --data CATEGORY, or give predict a --threshold"
             )
         threshold = frr_threshold(holdout["scores"], target_frr)
@@ -148,10 +148,10 @@ def calibrate(
         from ..runtime import load, predict_paths
 
         samples = category_test_set(data, require_masks=False)
-        runtime = load(engine_dir, backend)
+        runtime = load(bundle_dir, backend)
         preds = predict_paths(runtime, [s.path for s in samples], batch_size, progress)
         threshold = f1_threshold([s.label for s in samples], preds.scores)
         threshold.details.update(source=str(Path(data).resolve()), backend=backend)
     check_threshold(threshold.value, f"calibrated on {threshold.details.get('source', 'the hold-out')}")
-    add_files_to_manifest(engine_dir, [], {"threshold": threshold.to_dict()})
+    add_files_to_manifest(bundle_dir, [], {"threshold": threshold.to_dict()})
     return threshold

@@ -137,7 +137,7 @@ def _engine_entries(manifest: dict) -> dict[str, dict]:
 
 
 def compile_engine(
-    engine_dir: str | Path,
+    bundle_dir: str | Path,
     batch_profile: tuple[int, int, int] | None = None,
     workspace_gib: float | None = None,
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
@@ -149,11 +149,11 @@ def compile_engine(
     caps TensorRT's scratch memory (default: TensorRT's, the whole GPU). Returns the manifest entry.
     """
     log = log or (lambda _msg: None)
-    engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir, verify=True)
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir, verify=True)
     missing = missing_requirements()
     if missing:
-        raise MissingDependencyError(f"cannot compile here: {missing}; the ONNX files in {engine_dir} are ready to compile on the target machine")
+        raise MissingDependencyError(f"cannot compile here: {missing}; the ONNX files in {bundle_dir} are ready to compile on the target machine")
     if batch_profile is None:
         bp = manifest["batch_profile"]
         batch_profile = (int(bp["min"]), int(bp["opt"]), int(bp["max"]))
@@ -164,8 +164,8 @@ def compile_engine(
         raise InputError(f"builder optimization level must be 0..5, got {optimization_level}")
     entry = manifest["onnx"].get("fp16")
     if entry is None:
-        raise ArtifactError(f"{engine_dir} has no FP16 ONNX file to compile")
-    onnx_path = verify_file(engine_dir, manifest, entry["file"])
+        raise ArtifactError(f"{bundle_dir} has no FP16 ONNX file to compile")
+    onnx_path = verify_file(bundle_dir, manifest, entry["file"])
     contract = InputContract.from_manifest(manifest)
 
     trt = _import_tensorrt()
@@ -192,7 +192,7 @@ def compile_engine(
 
     # The timing cache lives beside the engines and is not listed in the manifest: it changes with
     # every build and only speeds builds up.
-    cache_path = engine_dir / TIMING_CACHE
+    cache_path = bundle_dir / TIMING_CACHE
     blob = cache_path.read_bytes() if cache_path.is_file() else b""
     cache = config.create_timing_cache(blob)
     # ignore_mismatch=False: timings from another GPU or TensorRT version must not steer tactic
@@ -205,7 +205,7 @@ def compile_engine(
     seconds = time.perf_counter() - t0
     if plan is None:
         raise ArtifactError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT messages above)")
-    atomic_write_bytes(engine_dir / filename, bytes(memoryview(plan)))
+    atomic_write_bytes(bundle_dir / filename, bytes(memoryview(plan)))
     atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
     record = {
@@ -221,6 +221,6 @@ def compile_engine(
     engines[slug] = record
     manifest["tensorrt"] = {"engines": engines, "timing_cache": TIMING_CACHE}
     manifest["files"] = {**manifest.get("files", {}), filename: None}
-    write_manifest(engine_dir, manifest)
-    log(f"engine: {engine_dir / filename} ({seconds:.1f} s)")
+    write_manifest(bundle_dir, manifest)
+    log(f"engine: {bundle_dir / filename} ({seconds:.1f} s)")
     return record

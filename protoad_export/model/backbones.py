@@ -32,7 +32,7 @@ class BackboneSpec:
 
     ``architecture`` is the module the weights are loaded into and ``mean``/``std`` the input
     normalisation they were trained with: both belong to the weights, and both are written to the
-    manifest so that an engine directory rebuilds its own reference.
+    manifest so that a bundle rebuilds its own reference.
     """
 
     name: str
@@ -63,7 +63,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), (4, 8, 16), True, "tf_efficientnet_lite0",
                                        TF_MEAN, TF_STD),
 }
-# Engine directories written before the manifest named the architecture used these.
+# Bundles written before the manifest named the architecture used these.
 LEGACY_ARCHITECTURES = {"efficientnet_lite0": "efficientnet_lite0"}
 EFFICIENTNET_LITE0_ARCHITECTURES = (BACKBONES["efficientnet_lite0"].architecture, LEGACY_ARCHITECTURES["efficientnet_lite0"])
 
@@ -224,7 +224,7 @@ def load_backbone(name: str, weights: str | None = None, architecture: str | Non
 
     ``architecture``: the module to host the weights in, as a manifest records it (default: the
     spec's); only efficientnet_lite0 has an alternative, the legacy plain ``efficientnet_lite0``
-    (ImageNet mean/std), so that engine directories built before 2026-11-27 rebuild their reference.
+    (ImageNet mean/std), so that bundles built before 2026-11-27 rebuild their reference.
     """
     spec = get_spec(name)
     architecture = architecture or spec.architecture

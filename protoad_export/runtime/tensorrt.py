@@ -54,13 +54,13 @@ class TensorRTRuntime(Runtime):
     precision = "fp16"
     on_gpu = True
 
-    def __init__(self, engine_dir: str | Path, manifest: dict, memory_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(self, bundle_dir: str | Path, manifest: dict, memory_factory: Callable[[], Any] | None = None) -> None:
         import torch
 
         super().__init__(manifest)
         engines = compiler._engine_entries(manifest)
         if not engines:
-            raise ArtifactError(f"{engine_dir} has no TensorRT engine: run `protoad-export compile {engine_dir}` on the target machine")
+            raise ArtifactError(f"{bundle_dir} has no TensorRT engine: run `protoad-export compile {bundle_dir}` on the target machine")
         trt = compiler._import_tensorrt()
         if memory_factory is None and not compiler._cuda_available():
             raise MissingDependencyError("the tensorrt backend needs a CUDA GPU, and none is visible")
@@ -68,7 +68,7 @@ class TensorRTRuntime(Runtime):
         entry = engines.get(compiler.gpu_slug(info["gpu"]))
         if entry is None:
             built = ", ".join(sorted(e["gpu"] for e in engines.values()))
-            raise ArtifactError(f"no engine for this GPU ({info['gpu']}) in {engine_dir}: built for {built}; compile it here")
+            raise ArtifactError(f"no engine for this GPU ({info['gpu']}) in {bundle_dir}: built for {built}; compile it here")
         # Engines are tied to the exact TensorRT version and GPU they were built with; refuse early
         # with the reason rather than let deserialisation fail with a generic message.
         if entry["tensorrt"] != str(trt.__version__):
@@ -80,7 +80,7 @@ class TensorRTRuntime(Runtime):
                 f"{entry['file']} was built for compute capability {entry['compute_capability']}, "
                 f"this GPU has {info['compute_capability']}: recompile it here"
             )
-        path = verify_file(engine_dir, manifest, entry["file"])
+        path = verify_file(bundle_dir, manifest, entry["file"])
         self.entry = entry
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.trt_runtime = trt.Runtime(self.logger)
