@@ -43,7 +43,7 @@ def main() -> None:
 
     builder.check_build_resources = check
     start = time.time()
-    config = BuildConfig(backbone=args.backbone, weights=args.weights, holdout=0.0, device="cpu",
+    config = BuildConfig(input="tensor", backbone=args.backbone, weights=args.weights, holdout=0.0, device="cpu",
                          preprocessing=Preprocessing(mode=args.resize_mode))
     with tempfile.TemporaryDirectory() as out:
         build(args.data, "build_memory", out, config, log=None, progress=False)

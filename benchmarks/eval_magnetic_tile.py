@@ -113,7 +113,7 @@ def run(args) -> dict:
         cat = subset_category(DATA, args.out / f"cat{m}", evenly_spaced(train, m))
         seen: dict[int, dict] = {}
         for i, budget in enumerate(args.max_prototypes):
-            config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, holdout=0.0, max_prototypes=budget,
+            config = BuildConfig(input="tensor", backbone="efficientnet_lite0", batch_size=8, holdout=0.0, max_prototypes=budget,
                                  preprocessing=Preprocessing(mode=args.resize_mode))
             path, build_s = engine(cat, f"{args.resize_mode}{m}_p{budget}", args.out, config)
             baseline = "knn" if i == 0 else None  # the bank does not depend on the budget

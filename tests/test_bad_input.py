@@ -24,7 +24,7 @@ def _make(tmp_path: Path, case: str) -> list[str]:
     data = tmp_path / "data"
     data.mkdir()
     out = ["--out", str(tmp_path / "engines"), "--quiet"]
-    eff = ["--backbone", "efficientnet_lite0"]
+    eff = ["--backbone", "efficientnet_lite0", "--input", "tensor"]
     if case == "missing folder":
         return ["build", str(tmp_path / "nope"), "--name", "x", *eff, *out]
     if case == "empty folder":
@@ -264,7 +264,7 @@ def test_a_build_without_the_memory_for_finch_is_one_line_before_the_features(tm
 # --------------------------------------------------------------------------------------------
 # Nothing of the user's is lost; nothing silently wrong (issue 17)
 
-TINY = ["--backbone", "efficientnet_lite0", "--crop", "64", "--resize", "80", "--quiet"]
+TINY = ["--backbone", "efficientnet_lite0", "--crop", "64", "--resize", "80", "--input", "tensor", "--quiet"]
 
 
 def _six_images(folder: Path) -> Path:

@@ -16,7 +16,7 @@ from protoad_export.errors import ResourceError
 
 from conftest import write_image
 
-EFF = ["--backbone", "efficientnet_lite0"]
+EFF = ["--backbone", "efficientnet_lite0", "--input", "tensor"]
 
 
 def _errors(output: str) -> list[str]:

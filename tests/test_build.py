@@ -58,7 +58,7 @@ def test_no_pickles_anywhere(small_bundle):
 
 
 def _tiny_config(**kw) -> BuildConfig:
-    return BuildConfig(backbone="efficientnet_lite0", batch_size=4, **kw)
+    return BuildConfig(backbone="efficientnet_lite0", batch_size=4, input="tensor", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_sigkill_at_each_stage_leaves_previous_engine_intact(small_bundle, ten_i
     before = read_manifest(out / "eng")
     proc = subprocess.Popen(
         [sys.executable, "-m", "protoad_export", "build", str(ten_images), "--name", "eng", "--out", str(out),
-         "--backbone", "efficientnet_lite0", "--quiet"],
+         "--backbone", "efficientnet_lite0", "--input", "tensor", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     seen = []
@@ -137,7 +137,7 @@ def test_sigterm_during_build_cleans_up_and_exits_143(small_bundle, ten_images, 
     before = read_manifest(out / "eng")
     proc = subprocess.Popen(
         [sys.executable, "-m", "protoad_export", "build", str(ten_images), "--name", "eng", "--out", str(out),
-         "--backbone", "efficientnet_lite0"],
+         "--backbone", "efficientnet_lite0", "--input", "tensor"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     seen = []
@@ -170,7 +170,7 @@ def test_disk_full_during_export_leaves_nothing(ten_images, tmp_path, monkeypatc
     from protoad_export.cli import main
 
     result = CliRunner().invoke(main, ["build", str(ten_images), "--name", "e", "--out", str(tmp_path),
-                                       "--backbone", "efficientnet_lite0", "--quiet"])
+                                       "--backbone", "efficientnet_lite0", "--input", "tensor", "--quiet"])
     assert result.exit_code == 6
     assert result.output.strip().splitlines()[-1].startswith("error: disk full")
     assert "Traceback" not in result.output

@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from protoad_export.demo import DEFECTS, DatasetSpec, make_dataset, run_demo
+from protoad_export.data.synthetic import DEFECTS, DatasetSpec, make_dataset
+from protoad_export.demo import run_demo
 from protoad_export.data.datasets import category_test_set, training_images
 
 SPEC = DatasetSpec(train=4, test_good=2, test_per_defect=2, width=96, height=64)

@@ -115,7 +115,8 @@ def test_cli_passes_max_train_patches(monkeypatch, tmp_path):
 def test_build_clusters_the_sample_only(tmp_path, small_category):
     from protoad_export.build.pipeline import build
 
-    config = BuildConfig(backbone="efficientnet_lite0", max_prototypes=500, max_train_patches=4000, batch_size=8)
+    config = BuildConfig(backbone="efficientnet_lite0", max_prototypes=500, max_train_patches=4000, batch_size=8,
+                         input="tensor")
     result = build(small_category, "sampled", tmp_path, config, log=None, progress=False)
     train = result.manifest["train"]
     assert train["patches_clustered"] == 4000 and train["max_train_patches"] == 4000
