@@ -286,3 +286,26 @@ def test_a_graph_that_disagrees_with_the_manifest_is_refused(copy, tmp_path):
     result = _run(["export", "triton", str(copy), "--repo", str(tmp_path / "repo")])
     assert result.exit_code == 3 and "the bundle is inconsistent" in result.output
     assert not (tmp_path / "repo" / "tiny").exists()
+
+
+def test_export_runs_where_torch_cannot_be_imported(bundle, tmp_path):
+    """A line PC without PyTorch: both commands in a subprocess in which ``import torch`` fails."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # makes every `import torch` raise ImportError
+        "from protoad_export.cli import main\n"
+        "for args in (['export', 'triton', sys.argv[1], '--repo', sys.argv[2]],\n"
+        "             ['export', 'deepstream', sys.argv[1], '--out', sys.argv[3]]):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, exc.code\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    repo_root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code, str(bundle), str(tmp_path / "repo"), str(tmp_path / "pgie.txt")],
+                            capture_output=True, text=True, cwd=repo_root, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "repo" / "tiny" / "1" / "model.onnx").is_file() and (tmp_path / "pgie.txt").is_file()
