@@ -88,4 +88,5 @@ def main() -> None:
 # Each module registers its commands on ``main``; import order is the order in --help.
 from . import build  # noqa: E402,F401
 from . import engines  # noqa: E402,F401
+from . import export  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
