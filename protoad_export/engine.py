@@ -15,6 +15,12 @@ API sources, checked for both versions (see the report in ``benchmarks/results/e
   https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/performance/builder-performance.html
 - IExecutionContext tensor-name API (setInputShape, setTensorAddress, enqueueV3, getTensorShape):
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/c-api/classnvinfer1_1_1_i_execution_context.html
+- Sources (NVIDIA/TensorRT, release/10.9, 10.16, 11.0, 11.1): ``include/NvInfer.h`` (flags,
+  createTimingCache / setTimingCache), ``python/src/infer/pyCore.cpp`` (the Python bindings),
+  trtexec's ``shared/utils/cacheUtils.cpp`` and ``samples/common/sampleDevice.h`` (thread-local
+  graph capture), Polygraphy's ``backend/trt/loader.py`` and ``runner.py``; PyTorch's
+  ``aten/src/ATen/cuda/CUDAGraph.cpp`` (replay on the current stream). ``tests/fake_tensorrt.py``
+  mirrors what was checked.
 """
 
 from __future__ import annotations
@@ -30,14 +36,40 @@ from .artifacts import atomic_write_bytes, read_manifest, verify_file, write_man
 from .errors import ArtifactError, InputError, MissingDependencyError
 
 SUPPORTED_MAJORS = (10, 11)
-TIMING_CACHE = "tensorrt.timing.cache"
+# One timing cache per TensorRT version and GPU (see timing_cache_name): a cache of another version
+# cannot be read (createTimingCache gives nullptr) and one of another GPU is refused, so sharing
+# one file would make every build on a second GPU throw away the first GPU's timings.
+TIMING_CACHE_SUFFIX = ".timing.cache"
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's own default; 5 searches longer for a few % more speed
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "score")
+# What the runtime's buffers hold, by TensorRT DataType name; the engine's I/O must match.
+IO_DTYPES = {INPUT_NAME: "FLOAT", "anomaly_map": "FLOAT", "score": "FLOAT"}
+# tensorrt-cuXX wheels per CUDA major; plain `tensorrt` follows the newest CUDA (13 since 11.x).
+TENSORRT_EXTRAS = {12: "tensorrt-cu12", 13: "tensorrt-cu13"}
 
 
 # --------------------------------------------------------------------------------------------
 # Environment
+
+
+def _torch_cuda_version() -> str | None:
+    import torch
+
+    return torch.version.cuda
+
+
+def install_hint() -> str:
+    """The pip command installing the TensorRT build for torch's CUDA (``torch.version.cuda``)."""
+    cuda = _torch_cuda_version()
+    try:
+        major = int(str(cuda).split(".")[0])
+    except ValueError:
+        major = None
+    extra = TENSORRT_EXTRAS.get(major)
+    if extra is None:
+        return "pip install 'protoad-export[tensorrt-cu13]' or '[tensorrt-cu12]', matching your CUDA"
+    return f"pip install 'protoad-export[{extra}]' for torch's CUDA {cuda}"
 
 
 def _import_tensorrt():
@@ -45,7 +77,7 @@ def _import_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise MissingDependencyError(
-            "TensorRT is not installed (pip install tensorrt); the ONNX files are ready to compile on the target machine"
+            f"TensorRT is not installed ({install_hint()}); the ONNX files are ready to compile on the target machine"
         ) from None
     return trt
 
@@ -83,7 +115,7 @@ def missing_requirements() -> str | None:
     try:
         trt = _import_tensorrt()
     except MissingDependencyError:
-        return "TensorRT is not installed"
+        return f"TensorRT is not installed ({install_hint()})"
     major = trt_major(trt)
     if major not in SUPPORTED_MAJORS:
         return f"TensorRT {trt.__version__} is not supported (10.x or 11.x needed)"
@@ -99,10 +131,10 @@ def missing_requirements() -> str | None:
 def network_flags(trt) -> int:
     """Network creation flags giving a strongly typed network on this TensorRT.
 
-    10.x: EXPLICIT_BATCH is deprecated and ignored (networks are always explicit batch since 10.0);
-    STRONGLY_TYPED must be asked for (Python API reference, NetworkDefinitionCreationFlag).
-    11.x: strong typing is always on and weak-typing APIs are gone (10.x -> 11.x migration guide),
-    so no flag is needed.
+    10.x: EXPLICIT_BATCH (= 0) is deprecated and ignored (networks are always explicit batch since
+    10.0); STRONGLY_TYPED (= 1) must be asked for (``NvInfer.h``, NetworkDefinitionCreationFlag).
+    11.x: strong typing is always on; STRONGLY_TYPED is still there (= 0, deprecated, ignored:
+    ``NvInfer.h`` release/11.0 and 11.1), so no flag is needed.
     """
     if trt_major(trt) == 10:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -136,6 +168,33 @@ def parse_onnx(trt, network, logger, path: Path) -> None:
 
 def _engine_entries(manifest: dict) -> dict[str, dict]:
     return dict(manifest.get("tensorrt", {}).get("engines", {}))
+
+
+def timing_cache_name(version: str, slug: str) -> str:
+    """``tensorrt-10.9.0.34.nvidia-h100-80gb-hbm3.timing.cache``: one per TensorRT version and GPU."""
+    return f"tensorrt-{gpu_slug(version)}.{slug}{TIMING_CACHE_SUFFIX}"
+
+
+def attach_timing_cache(trt, config, path: Path, log: Callable[[str], None]) -> bool:
+    """Start the build from the timing cache at ``path``; return whether the build may save over it.
+
+    ``create_timing_cache`` gives None for a blob this TensorRT cannot read (trtexec's
+    cacheUtils.cpp checks for nullptr) and ``set_timing_cache(cache, False)`` refuses a cache of
+    another device; either way the build starts from an empty cache with one warning. A refused
+    cache of another device is kept as it is (False), an unreadable one may be replaced (True).
+    ignore_mismatch stays False: another GPU's timings must not steer tactic choice here.
+    """
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if cache is None:
+        log(f"warning: TensorRT {trt.__version__} cannot read the timing cache {path.name}; building without it")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+        return True
+    if not config.set_timing_cache(cache, False):
+        log(f"warning: the timing cache {path.name} is of another GPU; building without it and leaving it as it is")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+        return False
+    return True
 
 
 def compile_engine(
@@ -193,15 +252,11 @@ def compile_engine(
     profile.set_shape(INPUT_NAME, shape(lo), shape(opt), shape(hi))
     config.add_optimization_profile(profile)
 
-    # The timing cache lives beside the engines and is not listed in the manifest: it changes with
-    # every build and only speeds builds up.
-    cache_path = engine_dir / TIMING_CACHE
-    blob = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    # ignore_mismatch=False: timings from another GPU or TensorRT version must not steer tactic
-    # choice here; such a cache is refused and the build starts from an empty one.
-    if not config.set_timing_cache(cache, False):
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+    # The timing cache lives beside the engines and is not listed in the manifest's files: it
+    # changes with every build and only speeds builds up.
+    cache_name = timing_cache_name(str(trt.__version__), slug)
+    cache_path = engine_dir / cache_name
+    save_cache = attach_timing_cache(trt, config, cache_path, log)
 
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -209,7 +264,8 @@ def compile_engine(
     if plan is None:
         raise ArtifactError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT messages above)")
     atomic_write_bytes(engine_dir / filename, bytes(memoryview(plan)))
-    atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    if save_cache:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
     record = {
         "file": filename, "precision": "fp16", "strongly_typed": True,
@@ -217,12 +273,12 @@ def compile_engine(
         "batch_profile": {"min": lo, "opt": opt, "max": hi},
         "workspace_bytes": None if workspace_gib is None else int(workspace_gib * (1 << 30)),
         "optimization_level": optimization_level, "build_seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "timing_cache": cache_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # The manifest was verified on entry; a recompile replaces this GPU's engine and its checksum.
     engines = _engine_entries(manifest)
     engines[slug] = record
-    manifest["tensorrt"] = {"engines": engines, "timing_cache": TIMING_CACHE}
+    manifest["tensorrt"] = {"engines": engines}
     manifest["files"] = {**manifest.get("files", {}), filename: None}
     write_manifest(engine_dir, manifest)
     log(f"engine: {engine_dir / filename} ({seconds:.1f} s)")
@@ -313,16 +369,27 @@ class TensorRTRuntime:
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if inputs != [INPUT_NAME] or sorted(set(names) - set(inputs)) != sorted(OUTPUT_NAMES):
             raise ArtifactError(f"{path.name} has tensors {names}; expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}")
+        # The buffers below hold IO_DTYPES in linear layout; an engine whose I/O differs (uint8
+        # frames, FP16 outputs, a vectorised format) would read or write them wrongly without error.
+        for name in names:
+            dtype = self.engine.get_tensor_dtype(name)
+            if dtype != getattr(trt.DataType, IO_DTYPES[name]):
+                raise ArtifactError(f"{path.name}: tensor {name!r} is {dtype.name}, this runtime feeds {IO_DTYPES[name]}: recompile it")
+            layout = self.engine.get_tensor_format(name)
+            if layout != trt.TensorFormat.LINEAR:
+                raise ArtifactError(f"{path.name}: tensor {name!r} has format {layout.name}, this runtime needs LINEAR: recompile it")
+        torch_dtypes = {"FLOAT": torch.float32, "HALF": torch.float16, "UINT8": torch.uint8}
         bp = entry["batch_profile"]
         self.min_batch, self.max_batch = int(bp["min"]), int(bp["max"])
         self.memory = (memory_factory or TorchCudaMemory)()
         s, b = self.crop, self.max_batch
         shapes = {INPUT_NAME: (b, 3, s, s), "anomaly_map": (b, 1, s, s), "score": (b,)}
-        self.device = {n: self.memory.device_empty(shp, torch.float32) for n, shp in shapes.items()}
-        self.host = {n: self.memory.host_empty(shp, torch.float32) for n, shp in shapes.items()}
+        self.device = {n: self.memory.device_empty(shp, torch_dtypes[IO_DTYPES[n]]) for n, shp in shapes.items()}
+        self.host = {n: self.memory.host_empty(shp, torch_dtypes[IO_DTYPES[n]]) for n, shp in shapes.items()}
         # Buffers are allocated once at the profile's maximum, so their addresses never change.
         for name, buf in self.device.items():
-            self.context.set_tensor_address(name, buf.data_ptr())
+            if not self.context.set_tensor_address(name, buf.data_ptr()):
+                raise ArtifactError(f"TensorRT refused the address of tensor {name!r} of {path.name} (see the TensorRT messages above)")
         self._batch = None
         self._graph = None
 
@@ -360,7 +427,13 @@ class TensorRTRuntime:
     def execute(self) -> None:
         """Enqueue the engine on the runtime's stream for the current batch (or replay its CUDA graph)."""
         if self._graph is not None:
-            self._graph.replay()
+            import torch
+
+            # CUDAGraph.replay launches on torch's *current* stream (CUDAGraph::replay calls
+            # cudaGraphLaunch on getCurrentCUDAStream()); the uploads, downloads and the
+            # synchronisation are on the runtime's own stream, so the replay must be too.
+            with torch.cuda.stream(self.memory.stream):
+                self._graph.replay()
         elif not self.context.execute_async_v3(self.memory.stream_handle):
             raise ArtifactError("TensorRT execution failed (see the TensorRT messages above)")
 
@@ -369,6 +442,8 @@ class TensorRTRuntime:
 
         TensorRT asks for one enqueue after any shape change before capturing, so that deferred
         shape-dependent work is not captured ("CUDA Graphs" in the TensorRT developer guide).
+        Capture is thread-local, as trtexec's (cudaStreamCaptureModeThreadLocal): a CUDA call
+        that is illegal during capture fails where it is made, not later in capture_end.
         """
         import torch
 
@@ -376,7 +451,7 @@ class TensorRTRuntime:
         self.execute()
         self.memory.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.memory.stream):
+        with torch.cuda.graph(graph, stream=self.memory.stream, capture_error_mode="thread_local"):
             if not self.context.execute_async_v3(self.memory.stream_handle):
                 raise ArtifactError("TensorRT execution failed while capturing a CUDA graph")
         self._graph = graph
