@@ -115,6 +115,12 @@ def test_gpu_bench_script_is_valid_bash_and_dry_runs():
     assert "protoad-export bench" in out and "--fps" in out
     # The full-scale targets: whole train set with wide_resnet50_2, exact kNN over every patch.
     assert "--name wide_resnet50_2_full" in out and "--baseline knn --device cuda" in out
-    # Issue 5's open GPU target runs first, before the small builds and the benches.
-    assert out.index("--name wide_resnet50_2_full") < out.index("--name efficientnet_lite0_random")
+    # The timed stages first, in order: PyTorch speed, chunk sizes, the full-set GPU build (under
+    # timeout), then the unbounded extended runs.
+    speed, chunks = out.index("gpu_speed.py speed"), out.index("gpu_speed.py chunks")
+    assert speed < chunks < out.index("--name wide_resnet50_2_full") < out.index("--name efficientnet_lite0_random")
+    assert "--batches 1,8,32" in out and "--deadline" in out and "timeout" in out
     assert "prototype_chunks.py" in out and "--torch-device cuda" in out
+    quick = subprocess.run(["bash", str(script), "--dry-run", "--quick"], check=True, capture_output=True, text=True,
+                           cwd=REPO).stdout
+    assert "--batches 1,8 " in quick and "wide_resnet50_2_full" not in quick

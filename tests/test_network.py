@@ -185,6 +185,20 @@ def test_onnxruntime_fp16_close_to_fp32(tiny, exported):
     assert np.abs(maps - ref_maps.numpy()).max() < 2e-2
 
 
+def test_torch_fp16_maps_match_fp32_within_the_bench_tolerances(tiny, exported):
+    """The FP16 network (channel max in FP16) against FP32, with the bench's FP16 tolerances."""
+    from protoad_export.evaluation.bench import DEFAULT_TOLERANCES
+
+    nets, _ = exported
+    x = torch.from_numpy(tiny["images"])
+    with torch.no_grad():
+        ref_maps, ref_scores = nets["fp32"](x)
+        maps, scores = nets["fp16"](x)  # FP16 on the CPU: slow but exact in dtype
+    atol, rtol = DEFAULT_TOLERANCES["fp16"]
+    np.testing.assert_allclose(maps.numpy(), ref_maps.numpy(), atol=atol, rtol=rtol)
+    np.testing.assert_allclose(scores.numpy(), ref_scores.numpy(), atol=atol, rtol=rtol)
+
+
 def _graph_facts(model: onnx.ModelProto):
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     g = inferred.graph
@@ -250,6 +264,33 @@ def test_graph_is_what_tensorrt_accepts(exported, precision):
         # the backbone's convolutions run in FP16: only the two blur convs (one channel) stay FP32
         conv_types = [types[n.input[0]] for n in g.node if n.op_type == "Conv"]
         assert conv_types.count(onnx.TensorProto.FLOAT) == 2
+        # the prototypes' channel max is a plain FP16 ReduceMax on the conv's output, no casts around it
+        assert report.cast_wrapped_reductions == []
+        (proto_max,) = [n for n in g.node if n.op_type == "ReduceMax" and n.input[0] == conv.output[0]]
+        assert types[proto_max.input[0]] == types[proto_max.output[0]] == onnx.TensorProto.FLOAT16
+
+
+def test_inspect_graph_flags_a_reduction_between_casts(tmp_path):
+    """torch.amax of FP16 exports as Cast(FLOAT) -> ReduceMax -> Cast(FLOAT16); torch.max does not."""
+
+    class Reduce(torch.nn.Module):
+        def __init__(self, use_amax: bool) -> None:
+            super().__init__()
+            self.use_amax = use_amax
+
+        def forward(self, x):
+            h = x.half() * 2
+            m = torch.amax(h, dim=1, keepdim=True) if self.use_amax else torch.max(h, dim=1, keepdim=True).values
+            return (m * 2).float()
+
+    reports = {}
+    for use_amax in (True, False):
+        with onnx_export._quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(Reduce(use_amax), (torch.rand(2, 4, 3, 3),), dynamo=True, opset_version=18)
+        reports[use_amax] = onnx_export.inspect_graph(program.model_proto)
+    assert len(reports[True].cast_wrapped_reductions) == 1
+    assert any("runs in FP32 between casts" in p for p in reports[True].problems)
+    assert reports[False].cast_wrapped_reductions == [] and reports[False].problems == []
 
 
 # ------------------------------------------------------------------------- chunked prototype conv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -85,6 +86,7 @@ class GraphReport:
     cast_targets: list[str]
     conv_dtypes: dict[str, int]
     problems: list[str]
+    cast_wrapped_reductions: list[str] = dataclasses.field(default_factory=list)  # see _cast_wrapped
 
 
 _DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
@@ -94,6 +96,38 @@ _DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     """The bundle's ``metadata_props`` (without the key prefix)."""
     return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
+_REDUCTIONS = frozenset({"ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean", "ReduceProd", "ReduceL2", "ArgMax", "ArgMin"})
+
+
+def _cast_wrapped(graph: onnx.GraphProto, types: dict[str, int]) -> list[str]:
+    """Reductions whose input is an FP16 tensor cast up to FP32 and whose output is cast back to FP16.
+
+    The exporter writes ``torch.amax`` of FP16 this way; a strongly typed engine then reduces in
+    FP32 against the precision plan (``network.py``). A deliberate FP32 reduction (the L2 norm's
+    sum of squares) is not cast back down right after, so it is not flagged.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+
+    def cast_to(node, dtype) -> bool:
+        return node is not None and node.op_type == "Cast" and any(
+            a.name == "to" and onnx.helper.get_attribute_value(a) == dtype for a in node.attribute)
+
+    wrapped = []
+    for node in graph.node:
+        if node.op_type not in _REDUCTIONS or not node.input:
+            continue
+        up = producer.get(node.input[0])
+        if not (cast_to(up, onnx.TensorProto.FLOAT) and types.get(up.input[0]) == onnx.TensorProto.FLOAT16):
+            continue
+        if any(cast_to(c, onnx.TensorProto.FLOAT16) for c in consumers[node.output[0]]):
+            wrapped.append(node.name or node.output[0])
+    return wrapped
 
 
 def inspect_graph(model: onnx.ModelProto) -> GraphReport:
@@ -124,5 +158,8 @@ def inspect_graph(model: onnx.ModelProto) -> GraphReport:
             casts.append(_DTYPE.get(to, str(to)))
         if node.op_type == "Conv":
             conv_dtypes[_DTYPE.get(types.get(node.input[0]), "unknown")] += 1
+    wrapped = _cast_wrapped(graph, types)
+    for name in wrapped:
+        problems.append(f"reduction {name} runs in FP32 between casts of an FP16 tensor")
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    return GraphReport(dict(sorted(ops.items())), opset, casts, dict(conv_dtypes), problems)
+    return GraphReport(dict(sorted(ops.items())), opset, casts, dict(conv_dtypes), problems, wrapped)

@@ -15,6 +15,12 @@ API sources, checked for both versions (see the report in ``benchmarks/results/e
   https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/performance/builder-performance.html
 - IExecutionContext tensor-name API (setInputShape, setTensorAddress, enqueueV3, getTensorShape):
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/c-api/classnvinfer1_1_1_i_execution_context.html
+- Sources (NVIDIA/TensorRT, release/10.9, 10.16, 11.0, 11.1): ``include/NvInfer.h`` (flags,
+  createTimingCache / setTimingCache), ``python/src/infer/pyCore.cpp`` (the Python bindings),
+  trtexec's ``shared/utils/cacheUtils.cpp`` and ``samples/common/sampleDevice.h`` (thread-local
+  graph capture), Polygraphy's ``backend/trt/loader.py`` and ``runner.py``; PyTorch's
+  ``aten/src/ATen/cuda/CUDAGraph.cpp`` (replay on the current stream). ``tests/fake_tensorrt.py``
+  mirrors what was checked.
 """
 
 from __future__ import annotations
@@ -30,12 +36,38 @@ from ..contract import InputContract
 from ..errors import ArtifactError, InputError, MissingDependencyError
 
 SUPPORTED_MAJORS = (10, 11)
-TIMING_CACHE = "tensorrt.timing.cache"
+# One timing cache per TensorRT version and GPU (see timing_cache_name): a cache of another version
+# cannot be read (createTimingCache gives nullptr) and one of another GPU is refused, so sharing
+# one file would make every build on a second GPU throw away the first GPU's timings.
+TIMING_CACHE_SUFFIX = ".timing.cache"
 DEFAULT_OPTIMIZATION_LEVEL = 3  # TensorRT's own default; 5 searches longer for a few % more speed
+# tensorrt-cuXX wheels per CUDA major; plain `tensorrt` follows the newest CUDA (13 since 11.x).
+TENSORRT_EXTRAS = {12: "tensorrt-cu12", 13: "tensorrt-cu13"}
 
 
 # --------------------------------------------------------------------------------------------
 # Environment
+
+
+def _torch_cuda_version() -> str | None:
+    try:
+        import torch
+    except ImportError:  # a line PC without PyTorch
+        return None
+    return torch.version.cuda
+
+
+def install_hint() -> str:
+    """The pip command installing the TensorRT build for torch's CUDA (``torch.version.cuda``)."""
+    cuda = _torch_cuda_version()
+    try:
+        major = int(str(cuda).split(".")[0])
+    except ValueError:
+        major = None
+    extra = TENSORRT_EXTRAS.get(major)
+    if extra is None:
+        return "pip install 'protoad-export[tensorrt-cu13]' or '[tensorrt-cu12]', matching your CUDA"
+    return f"pip install 'protoad-export[{extra}]' for torch's CUDA {cuda}"
 
 
 def _import_tensorrt():
@@ -43,7 +75,7 @@ def _import_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise MissingDependencyError(
-            "TensorRT is not installed (pip install tensorrt); the ONNX files are ready to compile on the target machine"
+            f"TensorRT is not installed ({install_hint()}); the ONNX files are ready to compile on the target machine"
         ) from None
     return trt
 
@@ -81,7 +113,7 @@ def missing_requirements() -> str | None:
     try:
         trt = _import_tensorrt()
     except MissingDependencyError:
-        return "TensorRT is not installed"
+        return f"TensorRT is not installed ({install_hint()})"
     major = trt_major(trt)
     if major not in SUPPORTED_MAJORS:
         return f"TensorRT {trt.__version__} is not supported (10.x or 11.x needed)"
@@ -97,10 +129,10 @@ def missing_requirements() -> str | None:
 def network_flags(trt) -> int:
     """Network creation flags giving a strongly typed network on this TensorRT.
 
-    10.x: EXPLICIT_BATCH is deprecated and ignored (networks are always explicit batch since 10.0);
-    STRONGLY_TYPED must be asked for (Python API reference, NetworkDefinitionCreationFlag).
-    11.x: strong typing is always on and weak-typing APIs are gone (10.x -> 11.x migration guide),
-    so no flag is needed.
+    10.x: EXPLICIT_BATCH (= 0) is deprecated and ignored (networks are always explicit batch since
+    10.0); STRONGLY_TYPED (= 1) must be asked for (``NvInfer.h``, NetworkDefinitionCreationFlag).
+    11.x: strong typing is always on; STRONGLY_TYPED is still there (= 0, deprecated, ignored:
+    ``NvInfer.h`` release/11.0 and 11.1), so no flag is needed.
     """
     if trt_major(trt) == 10:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -134,6 +166,33 @@ def parse_onnx(trt, network, logger, path: Path) -> None:
 
 def _engine_entries(manifest: dict) -> dict[str, dict]:
     return dict(manifest.get("tensorrt", {}).get("engines", {}))
+
+
+def timing_cache_name(version: str, slug: str) -> str:
+    """``tensorrt-10.9.0.34.nvidia-h100-80gb-hbm3.timing.cache``: one per TensorRT version and GPU."""
+    return f"tensorrt-{gpu_slug(version)}.{slug}{TIMING_CACHE_SUFFIX}"
+
+
+def attach_timing_cache(trt, config, path: Path, log: Callable[[str], None]) -> bool:
+    """Start the build from the timing cache at ``path``; return whether the build may save over it.
+
+    ``create_timing_cache`` gives None for a blob this TensorRT cannot read (trtexec's
+    cacheUtils.cpp checks for nullptr) and ``set_timing_cache(cache, False)`` refuses a cache of
+    another device; either way the build starts from an empty cache with one warning. A refused
+    cache of another device is kept as it is (False), an unreadable one may be replaced (True).
+    ignore_mismatch stays False: another GPU's timings must not steer tactic choice here.
+    """
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if cache is None:
+        log(f"warning: TensorRT {trt.__version__} cannot read the timing cache {path.name}; building without it")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+        return True
+    if not config.set_timing_cache(cache, False):
+        log(f"warning: the timing cache {path.name} is of another GPU; building without it and leaving it as it is")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+        return False
+    return True
 
 
 def compile_engine(
@@ -190,15 +249,11 @@ def compile_engine(
     profile.set_shape(contract.name, contract.shape(lo), contract.shape(opt), contract.shape(hi))
     config.add_optimization_profile(profile)
 
-    # The timing cache lives beside the engines and is not listed in the manifest: it changes with
-    # every build and only speeds builds up.
-    cache_path = bundle_dir / TIMING_CACHE
-    blob = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    # ignore_mismatch=False: timings from another GPU or TensorRT version must not steer tactic
-    # choice here; such a cache is refused and the build starts from an empty one.
-    if not config.set_timing_cache(cache, False):
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+    # The timing cache lives beside the engines and is not listed in the manifest's files: it
+    # changes with every build and only speeds builds up.
+    cache_name = timing_cache_name(str(trt.__version__), slug)
+    cache_path = bundle_dir / cache_name
+    save_cache = attach_timing_cache(trt, config, cache_path, log)
 
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -206,7 +261,8 @@ def compile_engine(
     if plan is None:
         raise ArtifactError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT messages above)")
     atomic_write_bytes(bundle_dir / filename, bytes(memoryview(plan)))
-    atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    if save_cache:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
     record = {
         "file": filename, "precision": "fp16", "strongly_typed": True,
@@ -214,12 +270,12 @@ def compile_engine(
         "batch_profile": {"min": lo, "opt": opt, "max": hi},
         "workspace_bytes": None if workspace_gib is None else int(workspace_gib * (1 << 30)),
         "optimization_level": optimization_level, "build_seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "timing_cache": cache_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # The manifest was verified on entry; a recompile replaces this GPU's engine and its checksum.
     engines = _engine_entries(manifest)
     engines[slug] = record
-    manifest["tensorrt"] = {"engines": engines, "timing_cache": TIMING_CACHE}
+    manifest["tensorrt"] = {"engines": engines}
     manifest["files"] = {**manifest.get("files", {}), filename: None}
     write_manifest(bundle_dir, manifest)
     log(f"engine: {bundle_dir / filename} ({seconds:.1f} s)")

@@ -146,7 +146,10 @@ class ProtoADNetwork(nn.Module):
         nearest = None
         for i in range(self.chunks):
             shifted = F.conv2d(unit, getattr(self, f"prototype_kernels_{i}"), getattr(self, f"prototype_bias_{i}"))  # cos - 1
-            best = torch.amax(shifted, dim=1, keepdim=True)
+            # torch.max, not torch.amax: the exporter wraps amax of FP16 in Cast(FLOAT) -> ReduceMax
+            # -> Cast(FLOAT16), which a strongly typed engine runs in FP32; max exports a plain
+            # FP16 ReduceMax (onnx_export.inspect_graph flags the casts).
+            best = torch.max(shifted, dim=1, keepdim=True).values
             nearest = best if nearest is None else torch.maximum(nearest, best)
         nearest = nearest.float()
         return self.tail(-nearest)  # patch scores: 1 - max cos

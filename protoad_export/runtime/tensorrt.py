@@ -96,6 +96,17 @@ class TensorRTRuntime(Runtime):
         self.input_name = self.contract.name
         if inputs != [self.input_name] or sorted(set(names) - set(inputs)) != sorted(OUTPUT_NAMES):
             raise ArtifactError(f"{path.name} has tensors {names}; expected input {self.input_name!r} and outputs {list(OUTPUT_NAMES)}")
+        # The buffers below hold the contract's dtypes in linear layout; an engine whose I/O differs
+        # (FP16 outputs, a vectorised format) would read or write them wrongly without an error.
+        io_dtypes = {n: "FLOAT" for n in names}
+        io_dtypes[self.input_name] = "UINT8" if self.contract.kind == "frames" else "FLOAT"
+        for name in names:
+            dtype = self.engine.get_tensor_dtype(name)
+            if dtype != getattr(trt.DataType, io_dtypes[name]):
+                raise ArtifactError(f"{path.name}: tensor {name!r} is {dtype.name}, this runtime feeds {io_dtypes[name]}: recompile it")
+            layout = self.engine.get_tensor_format(name)
+            if layout != trt.TensorFormat.LINEAR:
+                raise ArtifactError(f"{path.name}: tensor {name!r} has format {layout.name}, this runtime needs LINEAR: recompile it")
         bp = entry["batch_profile"]
         self.min_batch, self.max_batch = int(bp["min"]), int(bp["max"])
         self.memory = (memory_factory or TorchCudaMemory)()
@@ -107,7 +118,8 @@ class TensorRTRuntime(Runtime):
         self.host = {n: self.memory.host_empty(shp, dtypes[n]) for n, shp in shapes.items()}
         # Buffers are allocated once at the profile's maximum, so their addresses never change.
         for name, buf in self.device.items():
-            self.context.set_tensor_address(name, buf.data_ptr())
+            if not self.context.set_tensor_address(name, buf.data_ptr()):
+                raise ArtifactError(f"TensorRT refused the address of tensor {name!r} of {path.name} (see the TensorRT messages above)")
         self._batch = None
         self._graph = None
 
@@ -146,7 +158,13 @@ class TensorRTRuntime(Runtime):
     def execute(self) -> None:
         """Enqueue the engine on the runtime's stream for the current batch (or replay its CUDA graph)."""
         if self._graph is not None:
-            self._graph.replay()
+            import torch
+
+            # CUDAGraph.replay launches on torch's *current* stream (CUDAGraph::replay calls
+            # cudaGraphLaunch on getCurrentCUDAStream()); the uploads, downloads and the
+            # synchronisation are on the runtime's own stream, so the replay must be too.
+            with torch.cuda.stream(self.memory.stream):
+                self._graph.replay()
         elif not self.context.execute_async_v3(self.memory.stream_handle):
             raise ArtifactError("TensorRT execution failed (see the TensorRT messages above)")
 
@@ -155,6 +173,8 @@ class TensorRTRuntime(Runtime):
 
         TensorRT asks for one enqueue after any shape change before capturing, so that deferred
         shape-dependent work is not captured ("CUDA Graphs" in the TensorRT developer guide).
+        Capture is thread-local, as trtexec's (cudaStreamCaptureModeThreadLocal): a CUDA call
+        that is illegal during capture fails where it is made, not later in capture_end.
         """
         import torch
 
@@ -162,7 +182,7 @@ class TensorRTRuntime(Runtime):
         self.execute()
         self.memory.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.memory.stream):
+        with torch.cuda.graph(graph, stream=self.memory.stream, capture_error_mode="thread_local"):
             if not self.context.execute_async_v3(self.memory.stream_handle):
                 raise ArtifactError("TensorRT execution failed while capturing a CUDA graph")
         self._graph = graph
