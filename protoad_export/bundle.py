@@ -307,7 +307,7 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
     version = manifest["schema_version"]
     if version != SCHEMA_VERSION:
         raise ArtifactError(
-            f"{path} has schema version {version!r}; this protoad-export reads version {SCHEMA_VERSION}: rebuild the engine"
+            f"{path} has schema version {version!r}; this protoad-export reads version {SCHEMA_VERSION}: rebuild the bundle"
         )
     check_manifest(manifest, path)
     if verify:
@@ -380,7 +380,6 @@ _FIELDS: tuple[tuple[str, bool, str, Any], ...] = (
     ("holdout.scores", False, "a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
     ("holdout.images", False, "a list of file names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
     ("threshold", False, "an object with a value", lambda v: isinstance(v, dict) and "value" in v),
-    ("threshold.value", False, "a finite positive number", lambda v: _is_number(v) and math.isfinite(v) and v > 0),
     ("test_data", False, "a string or null", lambda v: v is None or isinstance(v, str)),
     ("files", True, "an object", lambda v: isinstance(v, dict)),
 )
@@ -399,10 +398,11 @@ def check_manifest(manifest: dict[str, Any], path: str | os.PathLike = MANIFEST_
     """Raise ArtifactError naming ``path`` and the field when ``manifest`` does not follow the
     schema builder.build writes (types, ranges, required keys) or its geometry disagrees with
     itself: the crop against the network's input shape and the patch grid."""
+    from .contract import manifest_threshold
     from .data.images import Preprocessing
 
     def bad(field: str, problem: str) -> ArtifactError:
-        return ArtifactError(f"{path}: {field} {problem}: the manifest was edited or is damaged; rebuild the engine")
+        return ArtifactError(f"{path}: {field} {problem}: the manifest was edited or is damaged; rebuild the bundle")
 
     for dotted, required, what, check in _FIELDS:
         present, value = _field(manifest, dotted)
@@ -419,6 +419,8 @@ def check_manifest(manifest: dict[str, Any], path: str | os.PathLike = MANIFEST_
         if not _plain_name(name) or not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                                          and _is_int(entry.get("bytes"))):
             raise bad(f"files.{name}", "must be a file name with its sha256 and bytes")
+    # The threshold has its own message (the remedy is calibrate, not a rebuild).
+    manifest_threshold(manifest, Path(path).parent)
     try:
         prep = Preprocessing.from_dict(manifest["preprocessing"])
     except (InputError, ValueError) as exc:

@@ -52,7 +52,7 @@ class ImageResult:
     error: str | None = None
     width: int | None = None  # the image's size: heat map, overlay and mask have it too
     height: int | None = None
-    inspected_box: list[float] | None = None  # (left, top, right, bottom) the model saw, in image pixels
+    inspected_box: list[int] | None = None  # (left, top, right, bottom) the model saw, in image pixels
 
 
 def colorize(anomaly_map: np.ndarray, vmax: float, cmap: str = "inferno") -> np.ndarray:
@@ -129,7 +129,7 @@ def predict(
     order = {str(p): i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order[r.path])
     if all(r.decision == "error" for r in results):
-        raise InputError(f"none of the {len(results)} images could be scored (first: {results[0].error})")
+        raise InputError(f"none of the {len(results)} images could be read and scored (first: {results[0].error})")
     _write_tables(out_dir, results, {
         "bundle": str(Path(bundle_dir).resolve()), "backend": backend, "threshold": value,
         "threshold_source": source, "decision_rule": DECISION_RULE, "heatmap_scale": [0.0, vmax],
@@ -147,13 +147,15 @@ def _write_outputs(out_dir: Path, path: Path, name: str, prep, amap: np.ndarray,
     heat = colorize(full, vmax)
     overlay = (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat
     overlay[~inspected] = 0.5 * rgb[~inspected]  # not inspected: dimmed, no heat
-    mask = full > threshold
+    # The mask from the model's own decision per pixel, so that a defective part always shows
+    # mask pixels (a bilinear resize of the map could shave its peak below the threshold).
+    mask = prep.map_to_image((amap > threshold).astype(np.float32), width, height, any_of=True)[0] > 0
     files = {"heatmap": f"heatmaps/{name}.png", "overlay": f"overlays/{name}.png", "mask": f"masks/{name}.png"}
     atomic_write_bytes(out_dir / files["heatmap"], _png_bytes(heat, "RGB"))
     atomic_write_bytes(out_dir / files["overlay"], _png_bytes((overlay + 0.5).astype(np.uint8), "RGB"))
     atomic_write_bytes(out_dir / files["mask"], _png_bytes(mask.astype(np.uint8) * 255, "L"))
     decision = "defective" if score > threshold else "good"
-    box = [round(v, 1) for v in prep.inspected_box(width, height)]
+    box = list(prep.inspected_box(width, height))
     return ImageResult(str(path), score, decision, float(mask[inspected].mean()), **files, width=width, height=height,
                        inspected_box=box)
 

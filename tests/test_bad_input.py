@@ -152,7 +152,7 @@ def test_tampered_or_truncated_files_are_refused(bundle_copy, name):
     backend, precision = {"model.fp32.onnx": ("onnxruntime", "fp32"), "model.fp16.onnx": ("onnxruntime", "fp16"),
                           "prototypes.npy": ("torch", "fp32")}[name]
     with pytest.raises(ArtifactError, match=name):
-        runtime.load(bundle_copy, backend, precision)
+        runtime.load(bundle_copy, backend, precision=precision)
 
 
 @pytest.mark.parametrize("version,match", [(0, "schema version 0"), (99, "schema version 99"), (None, "no schema_version")])
@@ -453,6 +453,6 @@ def test_rebuilding_a_calibrated_engine_says_the_threshold_is_lost_and_honours_t
     finally:
         os.umask(old_umask)
     assert second.exit_code == 0, second.output
-    assert f"warning: replacing engine x (threshold {t.value:.6g} will be lost; re-run calibrate)" in second.output.splitlines()
+    assert f"warning: replacing bundle x (threshold {t.value:.6g} will be lost; re-run calibrate)" in second.output.splitlines()
     assert "threshold" not in read_manifest(engines / "x")
     assert sorted(p.name for p in engines.iterdir()) == ["x"]  # no lock file, staging or .old left

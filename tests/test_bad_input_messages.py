@@ -73,7 +73,7 @@ EDITS = {
     "crop edited": "preprocessing.crop 256 does not match the network's input 224x224 (input.shape)",
     "crop and every shape edited": "preprocessing.crop 256 does not match model.fp32.onnx's input 224x224",
     "no preprocessing": "preprocessing is missing",
-    "threshold not a number": 'threshold.value must be a finite positive number, not "abc"',
+    "threshold not a number": "the threshold must be a finite positive number (scores are 1 - cosine), got 'abc'",
     "unknown align": 'align must be one of bilinear, nearest, not "bicubic"',
 }
 
@@ -94,19 +94,18 @@ def test_an_edited_manifest_is_one_line_naming_the_field_before_any_work(small_b
     result = CliRunner().invoke(main, ["eval", str(engine), str(small_category), "--out", str(tmp_path / "ev"), "--quiet"])
     line = _one_error(result, 3)
     assert line.startswith(f"error: {path}: ") and EDITS[case] in line, line
-    assert line.endswith("the manifest was edited or is damaged; rebuild the engine")
+    remedy = "re-run calibrate" if case.startswith("threshold") else "the manifest was edited or is damaged; rebuild the bundle"
+    assert line.endswith(remedy), line
     good = small_category / "test" / "good"
     result = CliRunner().invoke(main, ["predict", str(engine), str(good), "--out", str(tmp_path / "p"), "--threshold", "0.5"])
     assert EDITS[case] in _one_error(result, 3)
 
 
-def test_the_schema_constants_agree_with_the_modules_they_stand_for():
-    from protoad_export import artifacts
+def test_the_schema_stride_is_every_backbones():
+    from protoad_export import bundle
     from protoad_export.model.backbones import BACKBONES
-    from protoad_export.model.features import ALIGN_MODES
 
-    assert artifacts.ALIGN_MODES == ALIGN_MODES
-    assert {spec.strides[0] for spec in BACKBONES.values()} == {artifacts.STAGE1_STRIDE}
+    assert {spec.strides[0] for spec in BACKBONES.values()} == {bundle.STAGE1_STRIDE}
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,13 +253,13 @@ def test_a_deleted_fp16_model_does_not_block_the_fp32_one(tiny_build, tmp_path):
                                        "--threshold", "0.5", "--quiet"])
     assert result.exit_code == 0, result.output
     with pytest.raises(ArtifactError, match="model.fp16.onnx is listed in the manifest but missing"):
-        load(copy, "onnxruntime", "fp16")
+        load(copy, "onnxruntime", precision="fp16")
 
 
 def test_predict_on_cuda_without_a_gpu_provider_is_refused(tiny_build, tmp_path):
     import onnxruntime
 
-    from protoad_export.runtime import GPU_PROVIDERS
+    from protoad_export.runtime.onnxruntime import GPU_PROVIDERS
 
     if set(GPU_PROVIDERS) & set(onnxruntime.get_available_providers()):
         pytest.skip("ONNX Runtime has a GPU execution provider here")
@@ -268,8 +267,8 @@ def test_predict_on_cuda_without_a_gpu_provider_is_refused(tiny_build, tmp_path)
     result = CliRunner().invoke(main, ["predict", str(engine), str(category / "test" / "good"), "--out", str(tmp_path / "p"),
                                        "--threshold", "0.5", "--device", "cuda"])
     line = _one_error(result, 4)
-    assert line.startswith("error: --device cuda was asked for, but ONNX Runtime has no GPU execution provider here "
-                           "(available: ") and line.endswith("): use --device cpu or install onnxruntime-gpu")
+    assert line.startswith("error: device cuda was asked for, but ONNX Runtime has no GPU execution provider here "
+                           "(available: ") and line.endswith("): use device cpu or install onnxruntime-gpu")
     assert not (tmp_path / "p" / "results.csv").exists()
     # eval's --device is the torch backend's and the kNN baseline's: ONNX Runtime still runs.
     result = CliRunner().invoke(main, ["eval", str(engine), str(category), "--device", "cuda", "--out", str(tmp_path / "ev"),

@@ -86,10 +86,10 @@ def test_bench_bad_input_is_one_line(small_bundle, tmp_path):
 def test_test_images_from_manifest_folder_or_nothing(small_bundle, small_category, tmp_path):
     manifest = read_manifest(small_bundle)
     images = load_test_images(manifest, None, limit=4)
-    assert len(images.paths) == 4 and images.labels is not None and images.masks.shape[1:] == (224, 224)
-    assert 0 < images.labels.sum() < 4  # the even spread keeps both classes
+    assert len(images.paths) == 4 and images.test is not None and images.test.masks.shape[1:] == (224, 224)
+    assert 0 < images.test.labels.sum() < 4  # the even spread keeps both classes
     plain = load_test_images(manifest, small_category / "test" / "crack")
-    assert plain.labels is None and len(plain.paths) == 3
+    assert plain.test is None and len(plain.paths) == 3
     with pytest.raises(InputError, match="pass --data"):
         load_test_images({**manifest, "test_data": None}, None)
 

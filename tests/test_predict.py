@@ -44,14 +44,18 @@ def test_every_image_gets_consistent_outputs(predicted):
     assert len(results) == 10 and {r.decision for r in results} == {"good", "defective"}
     for r in results:
         assert r.decision == ("defective" if r.score > threshold else "good")
-        with Image.open(out / r.heatmap) as h, Image.open(out / r.overlay) as o, Image.open(out / r.mask) as m:
-            assert h.size == o.size == m.size == (224, 224)
+        with Image.open(out / r.heatmap) as h, Image.open(out / r.overlay) as o, Image.open(out / r.mask) as m, \
+                Image.open(r.path) as original:
+            # In the image's own pixels (a camera frame's), not the model's 224 x 224.
+            assert h.size == o.size == m.size == original.size == (r.width, r.height)
             assert h.mode == o.mode == "RGB" and m.mode == "L"
             mask = np.asarray(m)
         assert set(np.unique(mask)) <= {0, 255}
         # The score is the map's maximum, so a defective decision always comes with mask pixels.
         assert mask.any() == (r.decision == "defective")
-        assert r.defect_pixels == pytest.approx((mask > 0).mean())
+        left, top, right, bottom = r.inspected_box
+        assert not mask[:top].any() and not mask[bottom:].any()  # the centre crop's uninspected ends
+        assert r.defect_pixels == pytest.approx((mask[top:bottom, left:right] > 0).mean())
 
 
 def test_csv_and_json_tables(predicted):
@@ -62,7 +66,7 @@ def test_csv_and_json_tables(predicted):
     assert all(float(r["score"]) == pytest.approx(x.score) for r, x in zip(rows, results))
     meta = json.loads((out / "results.json").read_text())
     assert meta["threshold"] == threshold and meta["heatmap_scale"] == [0.0, HEATMAP_SCALE * threshold]
-    assert sum(meta["counts"].values()) == 10 and "preprocessed" in meta["overlay"]
+    assert sum(meta["counts"].values()) == 10 and "own pixels" in meta["resolution"]
     assert not list(out.rglob(".*.tmp"))
 
 

@@ -129,12 +129,12 @@ def test_pil_images_of_any_size_are_preprocessed_like_files(small_bundle, real_b
     engine's own preprocessing, as files are."""
     from PIL import Image
 
-    from protoad_export.runtime import preprocessing
+    from protoad_export.data.images import Preprocessing
 
     paths, images = real_batch
     pictures = [Image.open(p) for p in paths[:3]]
     pictures[1] = pictures[1].convert("RGB").resize((pictures[1].width // 2, pictures[1].height))  # another size
-    expected = np.stack([images[0], preprocessing(torch_fp32.manifest).image_array(pictures[1]), images[2]])
+    expected = np.stack([images[0], Preprocessing.from_manifest(torch_fp32.manifest).image_array(pictures[1]), images[2]])
     maps, scores = torch_fp32.predict(pictures)
     ref_maps, ref_scores = torch_fp32.predict(expected)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-6)

@@ -66,8 +66,8 @@ def bundle(tmp_path_factory) -> Path:
     config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, max_prototypes=16, device="cpu", holdout=0.25,
                          preprocessing=Preprocessing(resize=64, crop=64, mode="letterbox"))
     result = build(data, "tiny", root / "bundles", config, log=None, progress=False)
-    calibrate(result.engine_dir)
-    return result.engine_dir
+    calibrate(result.bundle_dir)
+    return result.bundle_dir
 
 
 @pytest.fixture

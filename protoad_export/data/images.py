@@ -108,31 +108,35 @@ class Preprocessing:
         (w, h), box, (ox, oy) = self.geometry(width, height)
         return {"frame": [width, height], "resized": [w, h], "crop_box": list(box), "paste": [ox, oy],
                 "model_input": [self.crop, self.crop],
-                "inspected_box": [round(v, 3) for v in self.inspected_box(width, height)],
+                "inspected_box": list(self.inspected_box(width, height)),
                 "map_to_frame": "pixel centres: frame_x + 0.5 = (x + 0.5 - paste_x + crop_left) * frame_w / resized_w, "
                                 "likewise for y"}
 
-    def inspected_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+    def inspected_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the part of a ``width`` x ``height`` image the model sees, in
-        the image's pixels (the centre crop's region; the whole image for squash and letterbox)."""
+        whole pixels of the image (the centre crop's region; the whole image for squash and letterbox)."""
         (w, h), (left, top, right, bottom), _ = self.geometry(width, height)
         sx, sy = width / w, height / h
-        return left * sx, top * sy, right * sx, bottom * sy
+        return round(left * sx), round(top * sy), round(right * sx), round(bottom * sy)
 
-    def map_to_image(self, anomaly_map: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    def map_to_image(self, model_map: np.ndarray, width: int, height: int, *,
+                     any_of: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """A model-resolution map [S, S] -> (float32 [height, width] in the image's own pixels,
-        bool [height, width]: pixels the model inspected). Outside the inspected region (what a
-        centre crop leaves out) the map is 0; letterbox padding is dropped."""
+        bool [height, width]: the pixels the model inspected). Outside the inspected region (what a
+        centre crop leaves out) the map is 0; letterbox padding is dropped. Bilinear, or with
+        ``any_of`` (a 0/1 mask) the area-weighted box filter, so that an image pixel is > 0 where
+        its area touches any marked model pixel and no marked pixel is lost in a downscale."""
         (w, h), _, (ox, oy) = self.geometry(width, height)
-        region = np.asarray(anomaly_map, dtype=np.float32)
+        region = np.asarray(model_map, dtype=np.float32)
         if self.mode == "letterbox":
             region = region[oy : oy + h, ox : ox + w]
-        left, top, right, bottom = (int(round(v)) for v in self.inspected_box(width, height))
+        left, top, right, bottom = self.inspected_box(width, height)
         full = np.zeros((height, width), dtype=np.float32)
         inspected = np.zeros((height, width), dtype=bool)
         size = (max(1, right - left), max(1, bottom - top))
+        resample = Image.BOX if any_of else Image.BILINEAR
         full[top : top + size[1], left : left + size[0]] = np.asarray(
-            Image.fromarray(np.ascontiguousarray(region), "F").resize(size, Image.BILINEAR))
+            Image.fromarray(np.ascontiguousarray(region), "F").resize(size, resample))
         inspected[top : top + size[1], left : left + size[0]] = True
         return full, inspected
 

@@ -149,7 +149,7 @@ def calibrate(
 
         samples = category_test_set(data, require_masks=False)
         runtime = load(bundle_dir, backend)
-        preds = predict_paths(runtime, [s.path for s in samples], batch_size, progress)
+        preds = predict_paths(runtime, [s.path for s in samples], batch_size, progress=progress)
         threshold = f1_threshold([s.label for s in samples], preds.scores)
         threshold.details.update(source=str(Path(data).resolve()), backend=backend)
     check_threshold(threshold.value, f"calibrated on {threshold.details.get('source', 'the hold-out')}")

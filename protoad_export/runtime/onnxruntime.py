@@ -61,9 +61,13 @@ class OnnxRuntime(Runtime):
         # The manifest is not under sha256: an edited geometry would reach ONNX Runtime as INVALID_ARGUMENT.
         graph_input = self.session.get_inputs()[0]
         if graph_input.name != self.contract.name or list(graph_input.shape[1:]) != list(self.contract.shape()[1:]):
-            raise ArtifactError(f"{Path(bundle_dir) / 'manifest.json'}: its input ({self.contract.describe()}) does not match "
-                                f"{path.name}'s input {graph_input.name} {graph_input.shape}: the manifest was edited or is "
-                                "damaged; rebuild the bundle")
+            if self.contract.kind == "tensor" and graph_input.name == self.contract.name:
+                what = (f"preprocessing.crop {self.contract.size} does not match {path.name}'s input "
+                        f"{graph_input.shape[2]}x{graph_input.shape[3]}")
+            else:
+                what = f"its input ({self.contract.describe()}) does not match {path.name}'s {graph_input.name} {graph_input.shape}"
+            raise ArtifactError(f"{Path(bundle_dir) / 'manifest.json'}: {what}: the manifest was edited or is damaged; "
+                                "rebuild the bundle")
 
     def _run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(list(OUTPUT_NAMES), {self.contract.name: inputs})
