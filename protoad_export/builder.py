@@ -84,6 +84,9 @@ class BuildConfig:
             raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if self.neighbours not in NEIGHBOUR_METHODS:
             raise InputError(f"unknown neighbour method {self.neighbours!r}")
+        from .kernels import forced_kernel
+
+        forced_kernel()  # a bad PROTOAD_PRODUCT_KERNEL stops the build before any work
         if self.max_train_patches is not None and (
             isinstance(self.max_train_patches, bool) or not isinstance(self.max_train_patches, int)
             or self.max_train_patches < self.max_prototypes
@@ -257,7 +260,8 @@ def build(
                            "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
                            "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
             "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
-                      "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed},
+                      "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed,
+                      "product_kernels": fit.finch.kernels},
             "onnx": graphs,
             "batch_profile": {"min": config.batch_profile[0], "opt": config.batch_profile[1], "max": config.batch_profile[2]},
             "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),
