@@ -24,11 +24,13 @@ from .neighbours import chunk_rows, exact_for_some, unit_rows, unit_sample
 RECALL_TARGET = 0.99
 RECALL_PROBES = 4000  # standard error of the recall estimate near 0.99: 0.16 points
 RECALL_PROBES_MIN = 1000
-# Compute budgets are seconds of the chosen kernel's measured product rate (``kernels.py``), so
-# a CPU with faster products (AMX's BF16, VNNI's int8) probes more lists and reaches more recall
-# in the same time. They were set as operation counts at the int8 rate of the CPU the IVF was
-# tuned on (about 1.25e12 operations per second; finch.md section 5): 8e12 and 2e13 operations.
-RECALL_SECONDS = 6.4  # fewer probes (not below the minimum) where their search takes longer
+# Compute budgets are operation counts set for int8 products (VNNI) where the IVF was tuned
+# (finch.md section 5), scaled by how much faster than int8 the chosen kernel measured
+# (``_budget_scale``): a CPU whose BF16 (AMX) beats int8 probes more lists in the same time and
+# reaches more recall. The ratio, measured with the kernels taking turns, not the absolute rate:
+# on a shared machine one process measured 75 and another 684 int8 GOP/s within the hour
+# (benchmarks/results/kernels.md), which as a budget would have cut level 0 to one list.
+RECALL_OPS = 8e12  # fewer probes (not below the minimum) where their search costs more
 # nprobe must reach the target at this one-sided confidence (z = 1.645: 95 %), i.e. an estimate of
 # 0.9926 for 0.99 on 4,000 probes, so the recall of the whole run is at least the target.
 RECALL_Z = 1.645
@@ -40,14 +42,14 @@ IVF_TRAIN_PER_LIST = 20
 IVF_KMEANS_ITERATIONS = 8
 # Lists ranked per point (and so the deepest nprobe calibrated). If the target needs more, the
 # IVF scans every list (exhaustive search: still int8, re-scored) up to EXHAUSTIVE_LIMIT points;
-# beyond, that takes many minutes on 2 cores, so it keeps the nprobe that IVF_SCAN_SECONDS of the
-# chosen kernel's products allow and reports its recall instead. On the full magnetic tile set (2.4M
+# beyond, that takes many minutes on 2 cores, so it keeps the nprobe that IVF_SCAN_OPS (int8
+# operations, scaled by ``_budget_scale``) allows and reports its recall instead. On the full magnetic tile set (2.4M
 # points) that is 21 of 2,164 lists with 176 dims (level 0: 90-104 s) and 2 with 1792 dims
 # (341-397 s, much of it the FP32 re-scoring, which at so few lists covers most of them);
 # RESULTS.md section 2.
 MAX_PROBE_SHARE = 1 / 4
 EXHAUSTIVE_LIMIT = 100_000
-IVF_SCAN_SECONDS = 16.0
+IVF_SCAN_OPS = 2e13
 # The calibration counts the reverse repair for the probes whose direct hit comes after the depth
 # where the direct recall is this far below what is needed (about 5 % of them at 100k).
 REPAIR_CHECK_SHARE = 0.04
@@ -206,8 +208,7 @@ def approx_first_neighbours(
     probes for 0.99).
     If that needs more than ``MAX_PROBE_SHARE`` of the lists, every list is scanned (an exhaustive
     search, nprobe = nlist) up to ``EXHAUSTIVE_LIMIT`` points; above, the nprobe that
-    ``IVF_SCAN_SECONDS`` of the product kernel's measured rate allow is kept and its recall
-    reported. The products run in the fastest kernel measured (``kernels.choose``) or in
+    ``IVF_SCAN_OPS`` (times ``_budget_scale``) allows is kept and its recall reported. The products run in the fastest kernel measured (``kernels.choose``) or in
     ``kernel`` if given. Also returns ``{"nlist", "nprobe", "recall", "kernel"}``.
     """
     n, dim = x.shape
@@ -222,7 +223,8 @@ def approx_first_neighbours(
     centroids8t = kernels.prepare_scan(kern, _int8_rows(centroids, 127 / max(float(np.abs(centroids).max()), 1e-12)).T.contiguous())
     step = chunk_rows(x)
     per_list = n / nlist
-    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_SECONDS * choice.rate / (2 * n * per_list * dim))))
+    budget = _budget_scale(choice)
+    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS * budget / (2 * n * per_list * dim))))
     # One pass finds each row's home list and the largest coordinate, which sets the int8 scale.
     depth = min(nlist, max(cap, nprobe or 1))
     home, peak = np.empty(n, dtype=np.int64), 1e-12
@@ -252,7 +254,7 @@ def approx_first_neighbours(
         # A probe is found at depth p when the home list of its exact first neighbour is among
         # its first p lists (another, equally similar neighbour elsewhere would only help), so one
         # exact search of the probes gives the recall at every nprobe without scanning.
-        count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_SECONDS * choice.rate / (2 * n * dim))))
+        count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_OPS * budget / (2 * n * dim))))
         probes = order[np.sort(where[rng.choice(n, size=count, replace=False)])]  # in list order
         exact_pos, _ = search(probes, every_list(count))
         hit_rank = _hit_ranks(lists_of(probes, depth), home[order[exact_pos]])
@@ -295,6 +297,13 @@ def approx_first_neighbours(
         idx[missing], best[missing] = exact_for_some(x, missing)
     _take_reverse_links(idx, best)
     return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate, "kernel": choice.record()}
+
+
+def _budget_scale(choice: kernels.KernelChoice) -> float:
+    """How many times the int8 operations the budgets count the chosen kernel runs in the same
+    time (measured side by side; never below 1: a CPU without fast int8 keeps the old budget)."""
+    int8 = choice.rates.get("int8", 0.0)
+    return max(1.0, choice.rates.get(choice.name, 0.0) / int8) if int8 > 0 else 1.0
 
 
 def _hit_ranks(ranked_lists: np.ndarray, wanted: np.ndarray) -> np.ndarray:

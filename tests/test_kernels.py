@@ -166,16 +166,19 @@ def test_finch_records_the_measured_choice():
     assert set(record["rates_gops"]) == set(kernels.DENSE_KERNELS)
 
 
-def test_the_scan_budget_is_seconds_of_the_measured_rate(monkeypatch):
-    """A faster kernel buys more probed lists: the cap is IVF_SCAN_SECONDS x the measured rate."""
+def test_a_kernel_faster_than_int8_buys_more_lists(monkeypatch):
+    """The scan budget is int8 operations times how much faster than int8 the chosen kernel
+    measured (never less): 4x int8's rate allows 4x the lists; a forced slower kernel keeps int8's."""
     x = clustered(6000, dim=32, centres=60, noise=1.0, seed=24)
     monkeypatch.setattr(ivf, "EXHAUSTIVE_LIMIT", 0)  # keep the capped nprobe
-    monkeypatch.setattr(ivf, "RECALL_TARGET", 1.0)
+    nlist = ivf.approx_first_neighbours(x, nprobe=1)[2]["nlist"]
+    n = len(x)
+    monkeypatch.setattr(ivf, "IVF_SCAN_OPS", 2 * n * (n / nlist) * 32 * 3.5)  # 3 lists of int8 work
     nprobes = []
-    for rate in (2.0, 8.0):  # giga-operations per second
-        fake = kernels.KernelChoice("scan", "int8", {"fp32": 1.0, "int8": rate}, True)
+    for name, rates in (("int8", {"fp32": 1.0, "bf16": 2.0, "int8": 4.0}), ("bf16", {"fp32": 1.0, "bf16": 16.0, "int8": 4.0}),
+                        ("fp32", {"fp32": 1.0, "bf16": 0.5, "int8": 2.0})):
+        fake = kernels.KernelChoice("scan", name, rates, True)
         monkeypatch.setattr(kernels, "choose", lambda dim, family="scan", force=None, fake=fake: fake)
-        n, nlist = len(x), ivf.approx_first_neighbours(x, nprobe=1)[2]["nlist"]
-        monkeypatch.setattr(ivf, "IVF_SCAN_SECONDS", 2 * n * (n / nlist) * 32 * 3 / 2e9)  # 3 lists at 2 GOP/s
         nprobes.append(ivf.approx_first_neighbours(x, target=1.0)[2]["nprobe"])
-    assert nprobes == [3, 12]
+    # (the calibration may stop before the cap of 14 once every probe is found)
+    assert nprobes[0] == nprobes[2] == 3 and 9 < nprobes[1] <= 14
