@@ -136,7 +136,8 @@ def run_one(method: str, cache: Path, n: int, seed: int, out: Path, warm_calls: 
                 finch(x, stop_below=MAX_PROTOTYPES)
                 warm.append(time.perf_counter() - t0)
         sizes, protos, nn = r.partition_sizes, r.means, r.first_neighbours
-        extra = {"neighbour_methods": r.neighbour_methods, "seconds_per_level": [round(s, 2) for s in r.seconds]}
+        extra = {"neighbour_methods": r.neighbour_methods, "seconds_per_level": [round(s, 2) for s in r.seconds],
+                 "product_kernels": r.kernels}
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -301,7 +302,11 @@ def main() -> None:
                 row["image_auroc"] = image_auroc(np.load(out.with_suffix(".protos.npy")), test, labels)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from product_kernels import cpu_description
+
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
+            "cpu": cpu_description(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=1))

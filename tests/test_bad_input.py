@@ -19,7 +19,7 @@ from protoad_export.errors import ArtifactError
 from conftest import write_image
 
 
-def _make(tmp_path: Path, case: str) -> list[str]:
+def _make(tmp_path: Path, case: str, monkeypatch=None) -> list[str]:
     """Create the bad input for ``case``; return the CLI arguments that use it."""
     data = tmp_path / "data"
     data.mkdir()
@@ -70,6 +70,11 @@ def _make(tmp_path: Path, case: str) -> list[str]:
         for i in range(6):
             write_image(data / f"{i}.png", seed=i)
         return ["build", str(data), "--name", "x", *out]
+    if case == "unknown product kernel":
+        for i in range(6):
+            write_image(data / f"{i}.png", seed=i)
+        monkeypatch.setenv("PROTOAD_PRODUCT_KERNEL", "fp8")
+        return ["build", str(data), "--name", "x", *eff, *out]
     if case == "bundle name with a slash":
         for i in range(6):
             write_image(data / f"{i}.png", seed=i)
@@ -93,6 +98,7 @@ CASES = {
     "weights path that is a folder": (2, "is a folder: give the weights file itself"),
     "wide_resnet50_2 without weights": (4, "--weights FILE"),
     "bundle name with a slash": (2, "plain folder name"),
+    "unknown product kernel": (2, "unknown product kernel 'fp8'"),
 }
 
 
@@ -101,7 +107,7 @@ def test_bad_build_input(tmp_path, case, monkeypatch, recwarn):
     import torch.hub
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_cache"))
-    args = _make(tmp_path, case)
+    args = _make(tmp_path, case, monkeypatch)
     result = CliRunner().invoke(main, args)
     code, fragment = CASES[case]
     assert result.exit_code == code, result.output

@@ -37,6 +37,10 @@ def test_build_on_40_real_images_gives_every_artifact(small_bundle):
     sizes = manifest["finch"]["partition_sizes"]
     # FINCH stops at the first partition below the limit, and the prototypes are that partition.
     assert sizes[-1] == len(protos) < 10_000 and all(s >= 10_000 for s in sizes[:-1])
+    # The product kernels FINCH's CPU searches used, with the rates they were chosen from.
+    for record in manifest["finch"]["product_kernels"].values():
+        assert record["kernel"] in ("fp32", "bf16", "int8", "fp16") and record["rates_gops"]["fp32"] > 0
+    assert manifest["finch"]["product_kernels"]
     assert manifest["train"]["patches"] == manifest["train"]["images"] * 56 * 56
     for key in ("features", "clustering", "export"):
         assert manifest["build"]["seconds"][key] > 0

@@ -31,6 +31,7 @@ from ..model.backbones import get_spec, load_backbone
 from ..errors import InputError
 from ..model.features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
 from ..clustering.finch import searches_on_cpu
+from ..clustering.kernels import forced_kernel
 from ..data.images import Preprocessing, image_size
 from ..data.datasets import is_mvtec_category, training_images
 from ..model.network import ProtoADNetwork, patch_grid
@@ -104,6 +105,7 @@ class BuildConfig:
             raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if self.neighbours not in NEIGHBOUR_METHODS:
             raise InputError(f"unknown neighbour method {self.neighbours!r}")
+        forced_kernel()  # a bad PROTOAD_PRODUCT_KERNEL stops the build before any work
         if self.max_train_patches is not None and (
             isinstance(self.max_train_patches, bool) or not isinstance(self.max_train_patches, int)
             or self.max_train_patches < self.max_prototypes
@@ -375,7 +377,8 @@ def _manifest(data, plan: _Plan, config: BuildConfig, extracted, fit, passed, cl
                        "dim": int(fit.prototypes.shape[1]), "normalized": fit.normalized,
                        "max_prototypes": config.max_prototypes, "chunk": config.prototype_chunk},
         "finch": {"partition_sizes": fit.finch.partition_sizes, "neighbours": fit.finch.neighbour_methods,
-                  "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed},
+                  "seconds_per_level": [round(s, 3) for s in fit.finch.seconds], "passed_over_near_miss": passed,
+                  "product_kernels": fit.finch.kernels},
         "onnx": graphs,
         "batch_profile": dict(zip(("min", "opt", "max"), config.batch_profile)),
         "train": {"data": str(Path(data).resolve()), "images": len(extracted.used),

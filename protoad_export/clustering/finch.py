@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from . import kernels
 from ..errors import InputError
 from ..options import NEIGHBOUR_METHODS
 from .ivf import approx_first_neighbours
@@ -55,9 +56,11 @@ def searches_on_cpu(n: int, dim: int, method: str = "auto", device: torch.device
     return device.type != "cuda" or method == "approx" or (method == "auto" and not _gpu_exact_fits(n, dim, device)[0])
 
 
-def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, str]:
+def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device | str = "cpu", *,
+                     kernel: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Pick the neighbour search: exact on a GPU (when its rows fit in ``GPU_MEMORY_SHARE`` of the
-    free GPU memory) or for small N on a CPU, the IVF otherwise."""
+    free GPU memory) or for small N on a CPU, the IVF otherwise. ``kernel`` forces the CPU's
+    product kernel (``kernels.py``); by default the fastest measured."""
     if method not in NEIGHBOUR_METHODS:
         raise InputError(f"unknown neighbour method {method!r}: choose one of {', '.join(NEIGHBOUR_METHODS)}")
     device = torch.device(device)
@@ -74,8 +77,8 @@ def first_neighbours(x: np.ndarray, method: str = "auto", device: torch.device |
             device = torch.device("cpu")  # and choose as on a CPU
             note = f" (on the CPU: exact GPU search needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free)"
     if method == "exact" or (method == "auto" and (device.type == "cuda" or len(x) <= EXACT_CPU_LIMIT)):
-        return (*exact_first_neighbours(x, device), "exact" + note)
-    idx, sim, info = approx_first_neighbours(x)
+        return (*exact_first_neighbours(x, device, kernel=kernel), "exact" + note)
+    idx, sim, info = approx_first_neighbours(x, kernel=kernel)
     return idx, sim, f"ivf {info['nprobe']}/{info['nlist']} recall~{info['recall']:.3f}{note}"
 
 
@@ -120,6 +123,9 @@ class FinchResult:
     first_neighbours: np.ndarray | None = None  # level 0, kept to measure recall
     neighbour_methods: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    # Per product family used on the CPU ("scan": the IVF, "dense": exact search): the kernel and
+    # the measured rates it was chosen from (``kernels.KernelChoice.record``).
+    kernels: dict = field(default_factory=dict)
 
     @property
     def n_clusters(self) -> int:
@@ -133,6 +139,8 @@ def finch(
     device: torch.device | str = "cpu",
     keep_levels: bool = False,
     log=None,
+    *,
+    kernel: str | None = None,
 ) -> FinchResult:
     """Run FINCH on ``data`` [N, C]; stop at the first partition with fewer than ``stop_below`` clusters.
 
@@ -140,23 +148,25 @@ def finch(
     while it merges more than one cluster and leaves more than one. The result's partition is the
     last one kept. (``finch-clust``'s ``ensure_early_exit`` zeroes matrix entries that
     ``connected_components`` still counts as edges, so it never changes a partition and is not
-    copied; ``tests/test_finch.py`` shows it.)
+    copied; ``tests/test_finch.py`` shows it.) ``kernel`` forces the CPU's product kernel
+    (``kernels.py``; also ``PROTOAD_PRODUCT_KERNEL``).
     """
     if stop_below is not None and stop_below < 2:
         raise InputError(f"max prototypes must be at least 2, got {stop_below}")
     t0 = time.perf_counter()
-    nn_idx, _, how = first_neighbours(data, method, device)
+    nn_idx, _, how = first_neighbours(data, method, device, kernel=kernel)
     labels, count = _components(nn_idx)
     counts = np.bincount(labels, minlength=count).astype(np.float64)
     means = cluster_means(data, labels, count)
     result = FinchResult(labels, means, [count], [labels] if keep_levels else [], nn_idx, [how], [time.perf_counter() - t0])
+    _record_kernel(result, how, data.shape[1], device, kernel)
     if log:
         log(f"FINCH level 0: {count:,} clusters ({how} neighbours, {result.seconds[-1]:.1f} s)")
     while stop_below is None or count >= stop_below:
         if count < 3:
             break
         t0 = time.perf_counter()
-        nn_idx, _, how = first_neighbours(means, method, device)
+        nn_idx, _, how = first_neighbours(means, method, device, kernel=kernel)
         merged, new_count = _components(nn_idx)
         if new_count == 1 or count - new_count <= 1:
             break
@@ -169,8 +179,17 @@ def finch(
         result.partition_sizes.append(count)
         result.neighbour_methods.append(how)
         result.seconds.append(time.perf_counter() - t0)
+        _record_kernel(result, how, data.shape[1], device, kernel)
         if keep_levels:
             result.levels.append(labels)
         if log:
             log(f"FINCH level {len(result.partition_sizes) - 1}: {count:,} clusters ({how} neighbours, {result.seconds[-1]:.1f} s)")
     return result
+
+
+def _record_kernel(result: FinchResult, how: str, dim: int, device, kernel: str | None) -> None:
+    """Note the product kernel a level's CPU search used (the choice is cached: no new timing)."""
+    on_cpu = torch.device(device).type != "cuda" or how.startswith("ivf") or "(on the CPU" in how
+    family = "scan" if how.startswith("ivf") else "dense"
+    if on_cpu and family not in result.kernels:
+        result.kernels[family] = kernels.choose(dim, family=family, force=kernel).record()

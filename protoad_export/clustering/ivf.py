@@ -18,12 +18,18 @@ import math
 import numpy as np
 import torch
 
-from . import neighbours
+from . import kernels, neighbours
 from .neighbours import chunk_rows, exact_for_some, unit_rows, unit_sample
 
 RECALL_TARGET = 0.99
 RECALL_PROBES = 4000  # standard error of the recall estimate near 0.99: 0.16 points
 RECALL_PROBES_MIN = 1000
+# Compute budgets are operation counts set for int8 products (VNNI) where the IVF was tuned
+# (finch.md section 5), scaled by how much faster than int8 the chosen kernel measured
+# (``_budget_scale``): a CPU whose BF16 (AMX) beats int8 probes more lists in the same time and
+# reaches more recall. The ratio, measured with the kernels taking turns, not the absolute rate:
+# on a shared machine one process measured 75 and another 684 int8 GOP/s within the hour
+# (benchmarks/results/kernels.md), which as a budget would have cut level 0 to one list.
 RECALL_OPS = 8e12  # fewer probes (not below the minimum) where their search costs more
 # nprobe must reach the target at this one-sided confidence (z = 1.645: 95 %), i.e. an estimate of
 # 0.9926 for 0.99 on 4,000 probes, so the recall of the whole run is at least the target.
@@ -37,7 +43,7 @@ IVF_KMEANS_ITERATIONS = 8
 # Lists ranked per point (and so the deepest nprobe calibrated). If the target needs more, the
 # IVF scans every list (exhaustive search: still int8, re-scored) up to EXHAUSTIVE_LIMIT points;
 # beyond, an exhaustive scan would cost a CPU build tens of minutes, so it keeps the nprobe that
-# IVF_SCAN_OPS (int8 multiply-adds x 2) allows and reports its recall instead. On the full
+# IVF_SCAN_OPS (int8 operations, scaled by ``_budget_scale``) allows and reports its recall instead. On the full
 # magnetic tile set (2.4M points) that is 21 of 2,164 lists with 176 dims and 2 with 1792 dims
 # (where the FP32 re-scoring covers most of the probed lists); RESULTS.md section 2.
 MAX_PROBE_SHARE = 1 / 4
@@ -46,8 +52,10 @@ IVF_SCAN_OPS = 2e13
 # The calibration counts the reverse repair for the probes whose direct hit comes after the depth
 # where the direct recall is this far below what is needed (about 5 % of them at 100k).
 REPAIR_CHECK_SHARE = 0.04
-# The IVF's products run in int8 (VNNI: several times the FP32 rate on x86, finch.md). For each
-# query, every list whose int8 maximum is within this many standard deviations (of the
+# The IVF's products take int8-rounded rows, multiplied by the fastest kernel measured at run
+# time (``kernels.py``: VNNI's int8 runs several times FP32 on many x86 CPUs, AMX's BF16 beats it
+# where present; int8 values are exact in BF16 and FP16, whose output rounding ``kernels.scan_margin``
+# adds to this margin). For each query, every list whose int8 maximum is within this many standard deviations (of the
 # difference of two rounding errors) of its best is re-scored in FP32 from a 16-bit copy (256x
 # finer than int8, finer than FP16), so the winner is the FP32 winner unless a rounding error
 # exceeds 6 sd or two candidates tie within the 16-bit copy's precision (~1e-5).
@@ -65,14 +73,15 @@ def _int8_rows(rows: np.ndarray, scale: float | None = None) -> torch.Tensor:
     return t.round_().to(torch.int8)
 
 
-def _lists_of(packed8: torch.Tensor, pos: np.ndarray, centroids8t: torch.Tensor, p: int, ordered: bool = True) -> np.ndarray:
-    """The ``p`` lists whose centroids (int8, [C, nlist]) are most similar to the int8 rows at
-    ``pos``, best first if ``ordered`` (the scan needs only the set: half the cost)."""
+def _lists_of(packed8: torch.Tensor, pos: np.ndarray, centroids8t: torch.Tensor, p: int, ordered: bool = True,
+              kernel: str = "int8") -> np.ndarray:
+    """The ``p`` lists whose centroids ([C, nlist], ``kernels.prepare_scan``) are most similar to
+    the int8 rows at ``pos``, best first if ``ordered`` (the scan needs only the set: half the cost)."""
     step = max(1, neighbours.SCAN_BLOCK_ELEMENTS // max(centroids8t.shape))
     # Written into one array: small results kept between block-sized temporaries fragment the heap.
     out = np.empty((len(pos), p), dtype=np.int16 if centroids8t.shape[1] <= np.iinfo(np.int16).max else np.int32)
     for s in range(0, len(pos), step):
-        scores = torch._int_mm(packed8.index_select(0, torch.from_numpy(pos[s : s + step])), centroids8t)
+        scores = kernels.scan_product(kernel, packed8.index_select(0, torch.from_numpy(pos[s : s + step])), centroids8t)
         out[s : s + step] = scores.topk(p, dim=1, sorted=ordered).indices.numpy()
     return out
 
@@ -115,7 +124,8 @@ def _exclude_self(sims: torch.Tensor, pos: np.ndarray, lo: int, hi: int, value) 
         sims[torch.arange(a, b), torch.from_numpy(pos[a:b] - lo)] = value
 
 
-def _range_maxima(packed8: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+def _range_maxima(packed8: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarray, ranges: np.ndarray,
+                  kernel: str = "int8") -> np.ndarray:
     """Int8 maximum product of each query (packed positions ``query_pos``, ascending) over each of its
     ``ranges`` [Q, p] (packed positions ``bounds[r]:bounds[r+1]``), self excluded; the int32
     minimum where a range holds nothing else. A range is taken once, against all the queries
@@ -127,12 +137,13 @@ def _range_maxima(packed8: torch.Tensor, bounds: np.ndarray, query_pos: np.ndarr
     for lo, hi, blocks in _range_blocks(bounds, starts):
         if hi == lo:
             continue
-        members = packed8[lo:hi].T.contiguous()
+        members = kernels.prepare_scan(kernel, packed8[lo:hi].T.contiguous())
         for block in blocks:
             pos = pos_sorted[block]
-            sims = torch._int_mm(packed8.index_select(0, torch.from_numpy(pos)), members)
+            sims = kernels.scan_product(kernel, packed8.index_select(0, torch.from_numpy(pos)), members)
             _exclude_self(sims, pos, lo, hi, _INT32_MIN)
-            found[block] = sims.amax(dim=1).numpy()
+            # Float kernels' maxima are rounded to integers: ``kernels.scan_margin`` counts it.
+            found[block] = sims.amax(dim=1).round().to(torch.int32).numpy()
     out = np.empty_like(found)
     out[by] = found
     return out.reshape(q, p)
@@ -161,16 +172,16 @@ def _rescore(packed8: torch.Tensor, low8: torch.Tensor, bounds: np.ndarray, quer
 
 
 def _best_in_ranges(packed8: torch.Tensor, low8: torch.Tensor, scale: float, bounds: np.ndarray,
-                    query_pos: np.ndarray, ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    query_pos: np.ndarray, ranges: np.ndarray, kernel: str = "int8") -> tuple[np.ndarray, np.ndarray]:
     """First neighbour (packed position, FP32 similarity; -1 / -inf if none) of each query at
     ``query_pos`` (ascending) among the members of its ``ranges`` [Q, p]: int8 products find the ranges that
     can hold it, which are then re-scored in FP32 (``INT8_MARGIN_SIGMAS``)."""
     if np.any(np.diff(query_pos) <= 0):  # _exclude_self relies on it
         raise ValueError("query positions must be strictly ascending")
-    approx = _range_maxima(packed8, bounds, query_pos, ranges)
+    approx = _range_maxima(packed8, bounds, query_pos, ranges, kernel)
     # A product of two unit vectors rounded at ``scale`` is off by sd sqrt(1/6)/scale (cosine
     # units); the difference of two such errors, in int8 product units: sqrt(1/3) * scale.
-    margin = int(math.ceil(INT8_MARGIN_SIGMAS * math.sqrt(1 / 3) * scale))
+    margin = int(math.ceil(INT8_MARGIN_SIGMAS * math.sqrt(1 / 3) * scale)) + kernels.scan_margin(kernel, scale)
     pair_query, pair_j = np.nonzero(approx >= approx.max(axis=1, keepdims=True).astype(np.int64) - margin)
     best = np.full(len(query_pos), -np.inf, dtype=np.float32)
     arg = np.full(len(query_pos), -1, dtype=np.int64)
@@ -180,7 +191,7 @@ def _best_in_ranges(packed8: torch.Tensor, low8: torch.Tensor, scale: float, bou
 
 def approx_first_neighbours(
     x: np.ndarray, nprobe: int | None = None, nlist: int | None = None, seed: int = 0,
-    target: float = RECALL_TARGET,
+    target: float = RECALL_TARGET, *, kernel: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """First neighbours by an inverted-file (IVF) search run as dense int8 products.
 
@@ -196,27 +207,30 @@ def approx_first_neighbours(
     probes for 0.99).
     If that needs more than ``MAX_PROBE_SHARE`` of the lists, every list is scanned (an exhaustive
     search, nprobe = nlist) up to ``EXHAUSTIVE_LIMIT`` points; above, the nprobe that
-    ``IVF_SCAN_OPS`` allows is kept and its recall reported. Also returns ``{"nlist", "nprobe",
-    "recall"}``.
+    ``IVF_SCAN_OPS`` (times ``_budget_scale``) allows is kept and its recall reported. The products run in the fastest kernel measured (``kernels.choose``) or in
+    ``kernel`` if given. Also returns ``{"nlist", "nprobe", "recall", "kernel"}``.
     """
     n, dim = x.shape
+    choice = kernels.choose(dim, force=kernel)
+    kern = choice.name
     nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))))
     rng = np.random.default_rng(seed)
     train = unit_sample(x, np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False)))
     centroids = spherical_kmeans(train, nlist, IVF_KMEANS_ITERATIONS, rng)
     del train
     # Transposed once: a transposed view as the second operand costs a copy per product.
-    centroids8t = _int8_rows(centroids, 127 / max(float(np.abs(centroids).max()), 1e-12)).T.contiguous()
+    centroids8t = kernels.prepare_scan(kern, _int8_rows(centroids, 127 / max(float(np.abs(centroids).max()), 1e-12)).T.contiguous())
     step = chunk_rows(x)
     per_list = n / nlist
-    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS / (2 * n * per_list * dim))))
+    budget = _budget_scale(choice)
+    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS * budget / (2 * n * per_list * dim))))
     # One pass finds each row's home list and the largest coordinate, which sets the int8 scale.
     depth = min(nlist, max(cap, nprobe or 1))
     home, peak = np.empty(n, dtype=np.int64), 1e-12
     for s in range(0, n, step):
         rows = unit_rows(x, s, s + step)
         peak = max(peak, float(np.abs(rows).max()))
-        home[s : s + step] = torch._int_mm(_int8_rows(rows), centroids8t).argmax(dim=1).numpy()
+        home[s : s + step] = kernels.scan_product(kern, _int8_rows(rows), centroids8t).argmax(dim=1).numpy()
     order = np.argsort(home, kind="stable")  # packed position -> row
     bounds = np.searchsorted(home[order], np.arange(nlist + 1))
     where = np.empty(n, dtype=np.int64)  # row -> packed position
@@ -230,16 +244,16 @@ def approx_first_neighbours(
     for s in range(0, n, step):
         at = torch.from_numpy(where[s : s + step])
         packed8[at], low8[at] = _split16(unit_rows(x, s, s + step), scale)
-    search = lambda rows, lists: _best_in_ranges(packed8, low8, scale, bounds, where[rows], lists)  # noqa: E731
+    search = lambda rows, lists: _best_in_ranges(packed8, low8, scale, bounds, where[rows], lists, kern)  # noqa: E731
     # Lists are ranked from the int8 rows, the same way for the calibration and the scan.
-    lists_of = lambda rows, p, ordered=True: _lists_of(packed8, where[rows], centroids8t, p, ordered)  # noqa: E731
+    lists_of = lambda rows, p, ordered=True: _lists_of(packed8, where[rows], centroids8t, p, ordered, kern)  # noqa: E731
     every_list = lambda count: np.tile(np.arange(nlist, dtype=np.int16 if nlist < 2**15 else np.int32), (count, 1))  # noqa: E731
     estimate = None
     if nprobe is None:
         # A probe is found at depth p when the home list of its exact first neighbour is among
         # its first p lists (another, equally similar neighbour elsewhere would only help), so one
         # exact search of the probes gives the recall at every nprobe without scanning.
-        count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_OPS / (2 * n * dim))))
+        count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_OPS * budget / (2 * n * dim))))
         probes = order[np.sort(where[rng.choice(n, size=count, replace=False)])]  # in list order
         exact_pos, _ = search(probes, every_list(count))
         hit_rank = _hit_ranks(lists_of(probes, depth), home[order[exact_pos]])
@@ -281,7 +295,14 @@ def approx_first_neighbours(
     if len(missing):
         idx[missing], best[missing] = exact_for_some(x, missing)
     _take_reverse_links(idx, best)
-    return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate}
+    return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate, "kernel": choice.record()}
+
+
+def _budget_scale(choice: kernels.KernelChoice) -> float:
+    """How many times the int8 operations the budgets count the chosen kernel runs in the same
+    time (measured side by side; never below 1: a CPU without fast int8 keeps the old budget)."""
+    int8 = choice.rates.get("int8", 0.0)
+    return max(1.0, choice.rates.get(choice.name, 0.0) / int8) if int8 > 0 else 1.0
 
 
 def _hit_ranks(ranked_lists: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import mmap
 import numpy as np
 import torch
 
+from . import kernels
 from ..errors import InputError
 
 # Candidates re-scored in FP32 after FP16 products: FP16 inputs carry ~2^-12 relative error, so
@@ -125,14 +126,16 @@ def exact_gpu_bytes(n: int, dim: int) -> int:
 
 def exact_first_neighbours(
     x: np.ndarray, device: torch.device | str = "cpu", block_elements: int | None = None,
-    low_precision: torch.dtype | None | str = "auto",
+    low_precision: torch.dtype | None | str = "auto", *, kernel: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact first neighbour (excluding self) of every row by cosine: (indices int64, similarities).
 
     On a CPU in FP32, cache-sized tiles (``_CPU_TILE_ROWS`` rows x ``SCAN_BLOCK_ELEMENTS``);
     otherwise in blocks of ``block_elements`` entries (default ``BLOCK_ELEMENTS``, 16x that on a
     GPU), so memory is O(N * C + block).
-    ``low_precision="auto"``: FP16 products + FP32 re-check on CUDA, plain FP32 on a CPU.
+    ``low_precision="auto"``: FP16 products + FP32 re-check on CUDA; on a CPU the fastest dense
+    kernel measured (``kernels.choose``, or ``kernel``), whose candidates within its error bound
+    are re-scored in FP32 (``rescore_candidates``), so the winners are FP32's.
     """
     device = torch.device(device)
     if low_precision == "auto":
@@ -148,12 +151,19 @@ def exact_first_neighbours(
     idx = np.empty(n, dtype=np.int64)
     sim = np.empty(n, dtype=np.float32)
     if device.type == "cpu" and low_precision is None:
+        kern = kernels.choose(x.shape[1], family="dense", force=kernel).name
+        low = None
+        if kern != "fp32":
+            base_low = base.to(kernels.dense_dtype(kern))
+            err = kernels.dense_error(kern, x.shape[1])
         # Tiles that stay in cache between the product and its row maxima.
         for start in range(0, n, _CPU_TILE_ROWS):
             stop = min(n, start + _CPU_TILE_ROWS)
             best = torch.full((stop - start,), -torch.inf)
             arg = torch.zeros(stop - start, dtype=torch.int64)
-            best_among(base[start:stop], torch.arange(start, stop), base, 0, best, arg)
+            if kern != "fp32":
+                low = (base_low[start:stop], base_low, err)
+            best_among(base[start:stop], torch.arange(start, stop), base, 0, best, arg, low)
             idx[start:stop], sim[start:stop] = arg.numpy(), best.numpy()
         return idx, sim
     base_low = base.to(low_precision) if low_precision is not None else None
@@ -170,17 +180,21 @@ def exact_first_neighbours(
 
 
 def best_among(q: torch.Tensor, own: torch.Tensor, base: torch.Tensor, offset: int,
-                best: torch.Tensor, arg: torch.Tensor) -> None:
+                best: torch.Tensor, arg: torch.Tensor, low: tuple | None = None) -> None:
     """Update ``best``/``arg`` of unit queries ``q`` (rows ``own`` of the data) with the rows of
     ``base`` (rows ``offset``... of the data), self excluded, in products small enough to stay in
     cache; row maxima without indices cost a seventh of ``max(dim=1)``, so indices are taken only
-    for the rows that improve."""
+    for the rows that improve. ``low``: (q, base) in a dense kernel's dtype and its error bound
+    (``kernels.dense_error``): the products run in that dtype, the candidates are re-scored."""
     width = max(128, SCAN_BLOCK_ELEMENTS // len(q))
     for lo in range(0, len(base), width):
-        s = q @ base[lo : lo + width].T
+        tile = base[lo : lo + width]
+        s = q @ tile.T if low is None else (low[0] @ low[1][lo : lo + width].T).float()
         local = own - (offset + lo)
         inside = (local >= 0) & (local < s.shape[1])
         s[torch.nonzero(inside)[:, 0], local[inside]] = -torch.inf
+        if low is not None:
+            s = rescore_candidates(s, q, tile, best, low[2])
         better = torch.nonzero(s.amax(dim=1) > best)[:, 0]
         if len(better):
             val, top = s[better].max(dim=1)
@@ -196,3 +210,21 @@ def exact_for_some(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
     for start in range(0, len(x), chunk_rows(x)):
         best_among(q, own, torch.from_numpy(unit_rows(x, start, start + chunk_rows(x))), start, best, arg)
     return arg.numpy(), best.numpy()
+
+
+def rescore_candidates(approx: torch.Tensor, q: torch.Tensor, tile: torch.Tensor, best: torch.Tensor,
+                       err: float) -> torch.Tensor:
+    """FP32 products of unit ``q`` [Q, C] and ``tile`` [T, C] where the low-precision ones
+    ``approx`` [Q, T] (float32, -inf where excluded) may hold a winner, -inf elsewhere.
+
+    With every low-precision product within ``err`` of its exact value, a query's exact winner w
+    in the tile satisfies approx(w) >= best - err (its exact value is at least the query's exact
+    ``best`` so far) and approx(w) >= approx(j) - 2 err for every j of the tile; the entries
+    meeting both are re-scored, so the maximum of the result is the exact maximum whenever it can
+    beat ``best``.
+    """
+    threshold = torch.maximum(best - err, approx.amax(dim=1) - 2 * err)
+    i, j = torch.nonzero((approx >= threshold[:, None]) & (approx > -torch.inf), as_tuple=True)
+    exact = torch.full_like(approx, -torch.inf)
+    exact[i, j] = torch.einsum("kc,kc->k", q[i], tile[j])
+    return exact

@@ -35,9 +35,15 @@ def bank_images(manifest: dict, max_images: int | None = None) -> list[Path]:
     return paths
 
 
-def nearest_similarity(queries, bank, query_block: int | None = None, bank_block: int | None = None):
+def nearest_similarity(queries, bank, query_block: int | None = None, bank_block: int | None = None, *,
+                       kernel: str | None = None, bank_low=None):
     """Max cosine of each unit query row [Q, C] to the unit ``bank`` rows [M, C] (torch tensors, same
     device), exactly, in blocks of at most query_block x bank_block similarities.
+
+    On a CPU the products run in the fastest dense kernel measured (``kernels.choose``, or
+    ``kernel``); a low-precision one's candidates within its error bound are re-scored in FP32
+    (``neighbours.rescore_candidates``), so the result is FP32's. ``bank_low``: the bank already
+    in that kernel's dtype (saves a conversion per call).
 
     On a CPU the default tiles (1024 x 1024) keep the 4 MiB of similarities in cache between the
     product and its row maxima, about twice the speed of 4096 x 16384 blocks (benchmarks/RESULTS.md
@@ -45,14 +51,27 @@ def nearest_similarity(queries, bank, query_block: int | None = None, bank_block
     """
     import torch
 
+    from ..clustering import kernels
+    from ..clustering.neighbours import rescore_candidates
+
     cpu = queries.device.type == "cpu"
     query_block = query_block or (CPU_TILE if cpu else 4096)
     bank_block = bank_block or (CPU_TILE if cpu else 16384)
+    kern = kernels.choose(bank.shape[1], family="dense", force=kernel).name if cpu else "fp32"
+    if kern != "fp32":
+        dtype = kernels.dense_dtype(kern)
+        bank_low = bank.to(dtype) if bank_low is None or bank_low.dtype != dtype else bank_low
+        err = kernels.dense_error(kern, bank.shape[1])
     best = torch.full((len(queries),), -torch.inf, device=queries.device)
     for q in range(0, len(queries), query_block):
         rows = queries[q : q + query_block]
+        rows_low = rows.to(bank_low.dtype) if kern != "fp32" else None
         for b in range(0, len(bank), bank_block):
-            sim = (rows @ bank[b : b + bank_block].T).amax(dim=1)
+            if kern == "fp32":
+                sim = (rows @ bank[b : b + bank_block].T).amax(dim=1)
+            else:
+                approx = (rows_low @ bank_low[b : b + bank_block].T).float()
+                sim = rescore_candidates(approx, rows, bank[b : b + bank_block], best[q : q + query_block], err).amax(dim=1)
             best[q : q + query_block] = torch.maximum(best[q : q + query_block], sim)
     return best
 
@@ -90,6 +109,14 @@ class KnnBaseline(Runtime):
             self.images = len(feats.used)
             del feats
         self.bank_seconds = time.perf_counter() - t0
+        self.kernel = "fp32"
+        self.bank_low = None  # the bank in the dense kernel's dtype, converted once
+        if self.device.type == "cpu":
+            from ..clustering import kernels
+
+            self.kernel = kernels.choose(self.bank.shape[1], family="dense").name
+            if self.kernel != "fp32":
+                self.bank_low = self.bank.to(kernels.dense_dtype(self.kernel))
 
     def _run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
@@ -99,7 +126,7 @@ class KnnBaseline(Runtime):
                 x = self.frames(x)
             feats = self.extractor(x)
             b, c, h, w = feats.shape
-            sim = nearest_similarity(feats.permute(0, 2, 3, 1).reshape(-1, c), self.bank)
+            sim = nearest_similarity(feats.permute(0, 2, 3, 1).reshape(-1, c), self.bank, bank_low=self.bank_low)
             maps, scores = self.tail((1.0 - sim).view(b, 1, h, w))
         return maps[:, 0].cpu().numpy(), scores.cpu().numpy()
 
@@ -107,4 +134,4 @@ class KnnBaseline(Runtime):
         rows, dim = self.bank.shape
         return {"bank_images": self.images, "bank_patches": int(rows), "dim": int(dim),
                 "bank_mib_fp32": round(rows * dim * 4 / 2**20, 1), "bank_seconds": round(self.bank_seconds, 2),
-                "search": f"exact, blocked torch matmul on {self.device.type}"}
+                "search": f"exact, blocked torch matmul on {self.device.type}", "product_kernel": self.kernel}
