@@ -1,7 +1,7 @@
 """ProtoAD vs the exact kNN memory bank on magnetic tile (efficientnet_lite0), like for like.
 
 For each bank size M (``--bank-images``), M training images evenly spaced by sorted name
-(``thresholds.evenly_spaced``) make a category of symlinks (the real test set and masks). ProtoAD
+(``datasets.evenly_spaced``) make a category of symlinks (the real test set and masks). ProtoAD
 engines are built on exactly those images with no hold-out, once per prototype budget
 (``--max-prototypes``: FINCH stops at the first partition below it), and the kNN baseline's bank
 is every patch of the same M images: both see the same training patches and differ only in
@@ -36,13 +36,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 from protoad_export.build.pipeline import BuildConfig, build
-from protoad_export.evaluation.evaluate import NearestPatchScorer, evaluate_bundle, image_auroc_differences
+from protoad_export.evaluation.evaluate import evaluate_bundle, image_auroc_differences
+from protoad_export.evaluation.knn import KnnBaseline
 from protoad_export.data.images import Preprocessing
 from protoad_export.data.datasets import training_images
-from protoad_export.evaluation.thresholds import evenly_spaced
+from protoad_export.data.datasets import evenly_spaced
 
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "magnetic_tile"
 METRICS = ("image_auroc", "pixel_auroc", "pro")
@@ -71,30 +71,30 @@ def engine(data: Path, name: str, out: Path, config: BuildConfig) -> tuple[Path,
     return built.bundle_dir, time.perf_counter() - t0
 
 
-class TiledPrototypes(NearestPatchScorer):
-    """ProtoAD's formula (1 - max_k <u, p_k>, bilinear upsample, blur, max) with the engine's
+def tiled_prototypes(bundle_dir: Path, manifest: dict) -> KnnBaseline:
+    """ProtoAD's formula (1 - max_k <u, p_k>, bilinear upsample, blur, max) with the bundle's
     prototypes searched in the kNN baseline's cache-sized tiles: the network's numbers without its
     [B, K, 56, 56] similarity tensor, which makes ONNX Runtime on a CPU crawl past ~50k prototypes
-    (``--tiled-above``; ``--check-tiled`` compares it with ONNX Runtime on one engine)."""
+    (``--tiled-above``; ``--check-tiled`` compares it with ONNX Runtime on one bundle)."""
+    from protoad_export.bundle import load_array
 
-    def __init__(self, bundle_dir: Path, manifest: dict) -> None:
-        from protoad_export.bundle import load_array
-
-        super().__init__(bundle_dir, manifest)
-        protos = load_array(bundle_dir, manifest, manifest["prototypes"]["file"])
-        self.bank = self.torch.from_numpy(np.asarray(protos, dtype=np.float32))
+    return KnnBaseline(bundle_dir, manifest, bank=load_array(bundle_dir, manifest, manifest["prototypes"]["file"]))
 
 
 def evaluate_tiled(bundle_dir: Path, report_path: Path | None = None) -> dict:
     """``evaluate_bundle``'s ProtoAD entry, scored by ``TiledPrototypes``; with ``report_path`` (an
     ONNX Runtime report of the same engine) also the largest score difference between the two."""
     from protoad_export.bundle import read_manifest
-    from protoad_export.evaluation.evaluate import load_test_set, run_predictor, score_metrics
+    from protoad_export.data.datasets import load_test_set
+    from protoad_export.evaluation.evaluate import score_metrics
+    from protoad_export.runtime import predict_paths
 
     manifest = read_manifest(bundle_dir)
-    scorer = TiledPrototypes(bundle_dir, manifest)
-    test = load_test_set(DATA, scorer.prep)
-    maps, scores, secs = run_predictor(scorer, manifest, [t.path for t in test.samples], 8, False, "tiled")
+    scorer = tiled_prototypes(bundle_dir, manifest)
+    test = load_test_set(DATA, scorer.preprocessing)
+    t0 = time.perf_counter()
+    pred = predict_paths(scorer, [t.path for t in test.samples], 8)
+    maps, scores, secs = pred.maps, pred.scores, time.perf_counter() - t0
     protos = manifest["prototypes"]
     out = {"metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),
            "images_per_second": round(len(scores) / secs, 2), "backend": "torch, tiled max-cosine search", "precision": "fp32",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from pathlib import Path
+
 import numpy as np
 
 from .errors import ArtifactError, InputError

@@ -182,8 +182,11 @@ def test_disk_full_during_export_leaves_nothing(ten_images, tmp_path, monkeypatc
 
 
 def test_manifest_is_json_with_sorted_keys(small_bundle):
+    """Sorted keys at every level, so that two manifests diff line by line."""
     text = (small_bundle / "manifest.json").read_text()
-    assert json.loads(text)["tool"] == "protoad-export"
+    manifest = json.loads(text)
+    assert manifest["tool"] == "protoad-export"
+    assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def test_prototype_chunk_changes_the_graph_not_the_scores(ten_images, magnetic_tile, tmp_path):

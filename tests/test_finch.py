@@ -16,9 +16,14 @@ from protoad_export.clustering.finch import cluster_means, finch, first_neighbou
 from protoad_export.clustering.ivf import approx_first_neighbours, spherical_kmeans
 from protoad_export.clustering.neighbours import RECHECK_CANDIDATES, block_first_neighbours, exact_first_neighbours
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # finch-clust warns at import when pynndescent is missing
-    finch_clust = pytest.importorskip("finch")
+
+
+@pytest.fixture(scope="module")
+def finch_clust():
+    """The reference package, for the tests that compare with it (the others run without it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # finch-clust warns at import when pynndescent is missing
+        return pytest.importorskip("finch")
 
 
 def clustered(n: int, dim: int = 32, centres: int = 60, noise: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -30,7 +35,7 @@ def clustered(n: int, dim: int = 32, centres: int = 60, noise: float = 0.3, seed
 
 
 @pytest.mark.parametrize("n, dim, seed", [(3000, 32, 0), (6000, 176, 1)])
-def test_equals_finch_clust_on_exact_inputs(n, dim, seed):
+def test_equals_finch_clust_on_exact_inputs(finch_clust, n, dim, seed):
     x = clustered(n, dim, seed=seed)
     ours = finch(x, method="exact", keep_levels=True)
     labels, sizes, _ = finch_clust.FINCH(x, verbose=False)  # exact below its 20k ann_threshold
@@ -52,7 +57,7 @@ def test_stop_below_picks_first_partition_under_the_limit():
         finch(x, stop_below=1)
 
 
-def test_ensure_early_exit_is_a_no_op():
+def test_ensure_early_exit_is_a_no_op(finch_clust):
     """finch-clust zeroes 'too far' first-neighbour links with explicit zeros, which csgraph still
     counts as edges: its ensure_early_exit never changes a partition."""
     a = sp.csr_matrix((np.ones(4, np.float32), ([0, 1, 2, 3], [1, 0, 3, 2])), shape=(4, 4))

@@ -77,12 +77,14 @@ def nearest_similarity(queries, bank, query_block: int | None = None, bank_block
 
 
 class KnnBaseline(Runtime):
-    """Exact nearest-neighbour memory bank over all patches of ``paths`` (no subsampling)."""
+    """Exact nearest-neighbour memory bank over all patches of ``paths`` (no subsampling), or over
+    the given unit ``bank`` rows float32 [M, C] (e.g. the bundle's prototypes: the network's numbers
+    searched in cache-sized tiles, without its [B, K, h, w] similarity tensor)."""
 
     backend = "knn"
 
-    def __init__(self, bundle_dir: str | Path, manifest: dict, paths: Sequence[Path], *, device: str = "cpu",
-                 batch_size: int = 8, progress: bool = False) -> None:
+    def __init__(self, bundle_dir: str | Path, manifest: dict, paths: Sequence[Path] = (), *, device: str = "cpu",
+                 batch_size: int = 8, progress: bool = False, bank: np.ndarray | None = None) -> None:
         import torch
 
         from ..clustering.neighbours import as_float32
@@ -101,13 +103,16 @@ class KnnBaseline(Runtime):
         if self.frames is not None:
             self.frames = self.frames.to(self.device)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="protoad-knn-") as tmp, torch.no_grad():
-            # Stored as FP16 like the features the prototypes were fitted on, then searched in FP32.
-            feats = extract_features(self.extractor, list(paths), self.preprocessing, Path(tmp) / "bank.npy",
-                                     batch_size=batch_size, device=self.device, progress=progress, desc="kNN bank")
-            self.bank = torch.from_numpy(as_float32(feats.array)).to(self.device)
-            self.images = len(feats.used)
-            del feats
+        if bank is not None:
+            self.bank, self.images = torch.from_numpy(np.asarray(bank, dtype=np.float32)).to(self.device), 0
+        else:
+            with tempfile.TemporaryDirectory(prefix="protoad-knn-") as tmp, torch.no_grad():
+                # Stored as FP16 like the features the prototypes were fitted on, then searched in FP32.
+                feats = extract_features(self.extractor, list(paths), self.preprocessing, Path(tmp) / "bank.npy",
+                                         batch_size=batch_size, device=self.device, progress=progress, desc="kNN bank")
+                self.bank = torch.from_numpy(as_float32(feats.array)).to(self.device)
+                self.images = len(feats.used)
+                del feats
         self.bank_seconds = time.perf_counter() - t0
         self.kernel = "fp32"
         self.bank_low = None  # the bank in the dense kernel's dtype, converted once
