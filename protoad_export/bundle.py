@@ -23,7 +23,9 @@ from .errors import ArtifactError, InputError, ResourceError
 from .options import ALIGN_MODES, CHANNEL_ORDERS, INPUT_KINDS
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+# 1: preprocessed float input only; 2: the input's kind and channel order, the frame geometry,
+# golden outputs. Older manifests are read through upgrade_manifest, never rewritten by a read.
+SCHEMA_VERSION = 2
 _CHUNK = 1 << 20
 
 
@@ -288,6 +290,32 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest: dict[str, Any]) -> N
     atomic_write_json(bundle_dir / MANIFEST_NAME, manifest)
 
 
+def upgrade_manifest(manifest: dict[str, Any], path: str | os.PathLike = MANIFEST_NAME) -> dict[str, Any]:
+    """The manifest in the current schema: each older version's defaults filled in, one step per
+    version, so that no reader needs to know what older bundles lacked."""
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema version {version!r}; this protoad-export reads versions 1 to {SCHEMA_VERSION}: rebuild the bundle"
+        )
+    manifest = json.loads(json.dumps(manifest))  # a copy: the caller's dict is not changed
+    if version == 1:
+        entry = manifest.get("input")
+        if isinstance(entry, dict):
+            entry.setdefault("kind", "tensor")
+            entry.setdefault("channel_order", "rgb")
+        protos = manifest.get("prototypes")
+        if isinstance(protos, dict) and "chunk" not in protos and "count" in protos:
+            protos["chunk"] = protos["count"]  # bundles from before the chunked conv: one conv
+        backbone = manifest.get("backbone")
+        if isinstance(backbone, dict) and backbone.get("name") == "efficientnet_lite0":
+            # Bundles from before 2026-11-27 hosted the weights in timm's plain efficientnet_lite0.
+            backbone.setdefault("architecture", "efficientnet_lite0")
+        version = 2
+    manifest["schema_version"] = version
+    return manifest
+
+
 def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     """Load and validate a manifest; with ``verify``, check every listed file's size and sha256."""
     bundle_dir = Path(bundle_dir)
@@ -304,11 +332,7 @@ def read_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict[st
         raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise ArtifactError(f"{path} has no schema_version: not a protoad-export manifest")
-    version = manifest["schema_version"]
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path} has schema version {version!r}; this protoad-export reads version {SCHEMA_VERSION}: rebuild the bundle"
-        )
+    manifest = upgrade_manifest(manifest, path)
     check_manifest(manifest, path)
     if verify:
         for name in manifest.get("files", {}):

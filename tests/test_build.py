@@ -25,7 +25,7 @@ def test_build_on_40_real_images_gives_every_artifact(small_bundle):
     manifest = read_manifest(small_bundle, verify=True)
     assert set(manifest["files"]) >= REQUIRED_FILES
     assert {p.name for p in small_bundle.iterdir()} >= REQUIRED_FILES | {"manifest.json"}
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["backbone"]["name"] == "efficientnet_lite0"
     # The offline weights are TF EfficientNet-Lite0: TF padding host and [-1, 1] inputs.
     assert manifest["backbone"]["architecture"] == "tf_efficientnet_lite0"
@@ -226,3 +226,17 @@ def test_cli_prototype_chunk_default_is_the_networks():
 
     option = next(p for p in main.commands["build"].params if p.name == "prototype_chunk")
     assert option.default == PROTOTYPE_CHUNK == BuildConfig().prototype_chunk
+
+
+def test_a_version_1_manifest_is_upgraded_on_read_without_being_rewritten():
+    """Back-compatibility lives in one function keyed by the schema version."""
+    from protoad_export.bundle import upgrade_manifest
+
+    old = {"schema_version": 1, "input": {"name": "image", "shape": ["batch", 3, 224, 224]},
+           "prototypes": {"count": 9000}, "backbone": {"name": "efficientnet_lite0"}}
+    new = upgrade_manifest(old)
+    assert new["schema_version"] == 2 and new["input"]["kind"] == "tensor" and new["input"]["channel_order"] == "rgb"
+    assert new["prototypes"]["chunk"] == 9000  # before the chunked conv: one conv over all prototypes
+    assert new["backbone"]["architecture"] == "efficientnet_lite0"  # the host those bundles used
+    assert old["schema_version"] == 1 and "kind" not in old["input"]  # the caller's dict is untouched
+    assert upgrade_manifest(new) == new

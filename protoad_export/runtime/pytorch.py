@@ -20,7 +20,7 @@ def build_torch_network(bundle_dir: str | Path, manifest: dict, precision: str =
     ``frames`` bundle (the same modules the ONNX files were traced from)."""
     from ..contract import InputContract
     from ..data.images import Preprocessing
-    from ..model.backbones import LEGACY_ARCHITECTURES, load_backbone
+    from ..model.backbones import load_backbone
     from ..options import RANDOM_WEIGHTS
     from ..model.features import PatchFeatures
     from ..model.frames import FrameInput, FrameNetwork
@@ -30,13 +30,13 @@ def build_torch_network(bundle_dir: str | Path, manifest: dict, precision: str =
     weights = info["weights"]
     if weights != RANDOM_WEIGHTS and not Path(weights).is_file():
         raise MissingDependencyError(f"the torch backend needs the backbone weights {weights}, which are not on this machine")
-    backbone = load_backbone(info["name"], weights, info.get("architecture", LEGACY_ARCHITECTURES.get(info["name"])))
+    backbone = load_backbone(info["name"], weights, info.get("architecture"))
     if backbone.weights_sha256 != info["weights_sha256"]:
         raise InputError(f"backbone weights {weights} differ from those the bundle was built with (sha256)")
     prep = Preprocessing.from_manifest(manifest)
     protos = load_array(bundle_dir, manifest, manifest["prototypes"]["file"])
     grid = patch_grid(prep.crop, backbone.spec.strides[0])
-    chunk = manifest["prototypes"].get("chunk", len(protos))  # bundles from before chunking: one conv
+    chunk = manifest["prototypes"]["chunk"]
     network = ProtoADNetwork(PatchFeatures(backbone.module, manifest["align"], grid), protos, prep, precision, chunk=chunk)
     contract = InputContract.from_manifest(manifest)
     if contract.kind == "frames":
