@@ -6,7 +6,7 @@ Stages (each caches its results under ``--cache`` and writes ``<cache>/<stage>.j
                     re-normalised prototypes
   score    CONFIG   one pass over the test set: pre-norm sum-of-squares statistics, max cosine per
                     patch for each prototype variant (and the FP16 simulations for --fp16), then
-                    the network's own tail (bilinear upsample + GaussianBlur) and the metrics
+                    the network's own tail (model.network.ScoreTail: bilinear upsample, blur, max) and the metrics
   rescore  CONFIG   metrics on every n-th test image from a full score run's cached values (--every)
   wrn               sum-of-squares statistics of wide_resnet50_2 with random weights (a proxy)
   e2e      CONFIG   the real ProtoADNetwork: torch FP32 vs ONNX Runtime FP32 vs ONNX Runtime FP16
@@ -20,7 +20,7 @@ every stage as used for ``benchmarks/results/build_options.md`` (one lock acquis
   python benchmarks/build_options.py report --out /tmp/tables.md
 
 Scoring on cached per-patch maxima is exact for the network's formula: the conv + channel max
-only needs max_k <u, p_k> per patch; upsample, blur and score use network.GaussianBlur and
+only needs max_k <u, p_k> per patch; upsample, blur and score use network.ScoreTail and
 F.interpolate exactly as ProtoADNetwork.forward. FP16 output rounding commutes with the max
 (rounding to nearest is monotone), so max_k fp16(c_k - 1) == fp16(max_k c_k - 1) exactly.
 """
@@ -47,7 +47,7 @@ from protoad_export.model.backbones import get_spec, load_backbone
 from protoad_export.model.features import FeatureExtractor, Normalize, PatchFeatures, extract_features, l2_normalize
 from protoad_export.data.images import Preprocessing, load_batch, load_mask
 from protoad_export.data.datasets import category_test_set, training_images
-from protoad_export.model.network import GaussianBlur, ProtoADNetwork, patch_grid
+from protoad_export.model.network import ProtoADNetwork, ScoreTail, patch_grid
 from protoad_export.clustering.prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,14 +127,13 @@ def stage_fit(cache: Path, cfg: str) -> None:
 # -------------------------------------------------------------------------------------------- score
 
 
-def tail(patch_scores: np.ndarray, blur: GaussianBlur, chunk: int = 32) -> np.ndarray:
-    """[N, h, w] patch anomaly scores (float32) -> [N, S, S] maps, exactly the network's tail."""
+def tail(patch_scores: np.ndarray, score_tail: ScoreTail, chunk: int = 32) -> np.ndarray:
+    """[N, h, w] patch anomaly scores (float32) -> [N, S, S] maps, the network's own tail."""
     out = np.empty((len(patch_scores), CROP, CROP), dtype=np.float32)
     with torch.no_grad():
         for s in range(0, len(patch_scores), chunk):
             x = torch.from_numpy(np.ascontiguousarray(patch_scores[s : s + chunk], dtype=np.float32))[:, None]
-            up = F.interpolate(x, size=(CROP, CROP), mode="bilinear", align_corners=False)
-            out[s : s + chunk] = blur(up)[:, 0].numpy()
+            out[s : s + chunk] = score_tail(x)[0][:, 0].numpy()
     return out
 
 
@@ -277,7 +276,7 @@ def score_variants(out: Path, cfg: str, samples, maxcos: dict, maxcos_in16: dict
     prep = prep_for(mode)
     n = len(samples)
     labels = np.array([s.label for s in samples])
-    blur = GaussianBlur(CROP, CROP)
+    blur = ScoreTail(CROP)
     masks = test_masks(samples, prep)
     result = {"config": cfg, "test_images": n,
               "defect_pixels": int(masks.sum()), "defective_images_with_pixels": int((masks.reshape(n, -1).any(1)).sum()),
@@ -463,7 +462,7 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_eve
     n = len(samples)
     # FP32 reference for every test image: the cached-feature path (the network's formula on the
     # very same features), checked against the torch module on every torch_every-th image.
-    ref_m = tail(-(patch - np.float32(1.0)), GaussianBlur(CROP, CROP))
+    ref_m = tail(-(patch - np.float32(1.0)), ScoreTail(CROP))
     ref_s = ref_m.reshape(n, -1).max(axis=1)
     torch_idx = np.arange(0, n, torch_every)
     maps = {f"ort_{k}": np.empty((n, CROP, CROP), dtype=np.float32) for k in sessions}

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from protoad_export.model.backbones import get_spec
 
@@ -206,9 +205,9 @@ def recall(x: np.ndarray, queries: np.ndarray, best: np.ndarray, nn: np.ndarray)
 def image_auroc(protos: np.ndarray, test: np.ndarray, labels: np.ndarray, grid: int = 56, crop: int = 224) -> float:
     """Image AUROC as the exported network scores: 1 - max cos to the re-normalised prototypes, upsampled, blurred, max."""
     from protoad_export.evaluation.metrics import image_auroc as auroc
-    from protoad_export.model.network import GaussianBlur
+    from protoad_export.model.network import ScoreTail
 
-    blur = GaussianBlur(crop, crop)
+    score_tail = ScoreTail(crop)
     p = torch.from_numpy(np.ascontiguousarray(protos, dtype=np.float32))
     p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)  # the build's default
     per_image = grid * grid
@@ -218,8 +217,7 @@ def image_auroc(protos: np.ndarray, test: np.ndarray, labels: np.ndarray, grid: 
             f = torch.from_numpy(np.asarray(test[i * per_image : (i + 8) * per_image], dtype=np.float32))
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
             nearest = (f @ p.T).amax(dim=1).view(-1, 1, grid, grid)
-            maps = blur(F.interpolate(1 - nearest, size=(crop, crop), mode="bilinear", align_corners=False))
-            scores[i : i + len(nearest)] = maps.amax(dim=(1, 2, 3)).numpy()
+            scores[i : i + len(nearest)] = score_tail(1 - nearest)[1].numpy()
     return auroc(labels, scores) * 100
 
 

@@ -220,14 +220,6 @@ def test_prototype_chunk_must_be_positive():
             _tiny_config(prototype_chunk=bad)
 
 
-def test_cli_prototype_chunk_default_is_the_networks():
-    from protoad_export.cli import main
-    from protoad_export.options import PROTOTYPE_CHUNK
-
-    option = next(p for p in main.commands["build"].params if p.name == "prototype_chunk")
-    assert option.default == PROTOTYPE_CHUNK == BuildConfig().prototype_chunk
-
-
 def test_a_version_1_manifest_is_upgraded_on_read_without_being_rewritten():
     """Back-compatibility lives in one function keyed by the schema version."""
     from protoad_export.bundle import upgrade_manifest
