@@ -7,7 +7,6 @@ Weights never come from the network: the torchvision cache, a user file, or a Py
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import warnings
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..bundle import sha256_file
 from ..errors import InputError, MissingDependencyError
 from ..options import RANDOM_WEIGHTS
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -130,14 +130,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -171,7 +163,7 @@ def _torchvision_backbone(name: str, weights: str | None) -> tuple[nn.Module, st
         else:
             path = Path(weights)
         _load_strict(model, _read_state_dict(path), name, str(path))
-        source, sha = str(path), _sha256(path)
+        source, sha = str(path), sha256_file(path)
     extractor = create_feature_extractor(model, return_nodes={"layer1": "s1", "layer2": "s2", "layer3": "s3"})
     return StageTaps(extractor, ("s1", "s2", "s3")), source, sha
 
@@ -207,7 +199,7 @@ def efficientnet_lite0_classifier(weights: str | None, architecture: str | None 
             raise InputError(f"{path} does not hold efficientnet_lite0 weights (tensor count or shapes differ)")
         state = dict(zip(own.keys(), state.values()))
     _load_strict(full, state, "efficientnet_lite0", str(path))
-    return full, str(path), _sha256(path)
+    return full, str(path), sha256_file(path)
 
 
 def _efficientnet_lite0(weights: str | None, architecture: str) -> tuple[nn.Module, str, str | None]:
