@@ -144,7 +144,7 @@ if [ "$FULL" = 1 ]; then
   T0=$(date +%s)
   RC=0
   run timeout "$LEFT" "${TIMER[@]}" protoad-export build "$DATA" --name wide_resnet50_2_full --out "$WORK/engines" \
-    --backbone wide_resnet50_2 --weights random --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --quiet || RC=$?
+    --backbone wide_resnet50_2 --weights random --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --input tensor --quiet || RC=$?
   if [ "$DRY" = 0 ]; then
     echo "{\"build\": \"wide_resnet50_2_full\", \"exit_code\": $RC, \"timeout_seconds\": $LEFT, \"wall_seconds\": $(( $(date +%s) - T0 ))}" > "$OUTDIR/full_build.json"
     MANIFEST="$WORK/engines/wide_resnet50_2_full/manifest.json"
@@ -209,7 +209,7 @@ for BACKBONE in efficientnet_lite0 wide_resnet50_2; do
   ENGINE="$OUTDIR/engines/$NAME"
   echo "== $BACKBONE"
   run protoad-export build "$TRAIN" --name "$NAME" --out "$OUTDIR/engines" --backbone "$BACKBONE" \
-    --weights random --device "$DEVICE" --neighbours "$NEIGHBOURS" --max-prototypes 10000 --quiet
+    --weights random --device "$DEVICE" --neighbours "$NEIGHBOURS" --max-prototypes 10000 --input tensor --quiet
   # compile says in one line when TensorRT or a GPU is missing; the bench then skips tensorrt.
   run protoad-export compile "$ENGINE" || true
   GPU_BACKENDS=()
@@ -233,7 +233,7 @@ done
 if [ "$FULL" = 1 ]; then
   echo "== full train set, efficientnet_lite0 against the exact kNN bank"
   run "${TIMER[@]}" protoad-export build "$DATA" --name efficientnet_lite0_full --out "$OUTDIR/engines" \
-    --backbone efficientnet_lite0 --resize-mode letterbox --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --quiet
+    --backbone efficientnet_lite0 --resize-mode letterbox --device cuda --neighbours "$NEIGHBOURS" --holdout 0 --input tensor --quiet
   run protoad-export eval "$OUTDIR/engines/efficientnet_lite0_full" "$DATA" --baseline knn --device cuda \
     --out "$OUTDIR/eval_full" --json "$OUTDIR/eval_full.json"
   # FINCH's level 1 (163k prototypes, within 0.3 image AUROC of the bank on a CPU, RESULTS.md 4a):
@@ -241,7 +241,7 @@ if [ "$FULL" = 1 ]; then
   # one conv and larger chunks, FP16 torch on the GPU (RESULTS.md 4d measured it on a CPU only).
   run protoad-export build "$DATA" --name efficientnet_lite0_full_p200000 --out "$OUTDIR/engines" \
     --backbone efficientnet_lite0 --resize-mode letterbox --max-prototypes 200000 --device cuda \
-    --neighbours "$NEIGHBOURS" --holdout 0 --quiet
+    --neighbours "$NEIGHBOURS" --holdout 0 --input tensor --quiet
   run protoad-export eval "$OUTDIR/engines/efficientnet_lite0_full_p200000" "$DATA" --backend torch --device cuda \
     --out "$OUTDIR/eval_full_p200000" --json "$OUTDIR/eval_full_p200000.json"
   for BATCH in 1 8; do
