@@ -35,6 +35,7 @@ from ..contract import InputContract
 from ..export.onnx import inspect_graph, export_onnx
 from ..clustering.prototypes import fit_prototypes, near_miss, sample_rows
 from ..options import ALIGN_MODES, DEFAULT_MAX_PROTOTYPES, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK, similarity_batch
+from .golden import write_golden
 from .resources import check_build_resources
 from ..evaluation.thresholds import score_holdout, split_holdout
 
@@ -270,6 +271,11 @@ def build(
             "versions": _versions(),
             "files": {PROTOTYPES_FILE: None, **{f: None for f in ONNX_FILES.values()}},
         }
+
+        # Golden outputs for `verify` on the target: PyTorch FP32 on hold-out images and synthetic defects.
+        manifest["golden"] = write_golden(network, contract, prep, staging, holdout=held_out, fitting=extracted.used)
+        manifest["files"].update(dict.fromkeys(manifest["golden"]["files"]))
+
         write_manifest(staging, manifest)
         del extracted
         commit_directory(staging, final_dir)

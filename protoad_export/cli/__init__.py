@@ -89,3 +89,4 @@ def main() -> None:
 from . import build  # noqa: E402,F401
 from . import engines  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
+from . import verify  # noqa: E402,F401
