@@ -19,7 +19,7 @@ import numpy as np
 from ..bundle import read_manifest
 from ..contract import InputContract
 from ..data.images import Preprocessing, load_image
-from ..errors import InputError
+from ..errors import InputError, MissingDependencyError
 from ..options import RUNTIME_BACKENDS, similarity_batch
 from .base import Inference, Runtime
 
@@ -38,6 +38,11 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", *, precision: str
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(RUNTIME_BACKENDS)}")
     manifest = read_manifest(bundle_dir, verify=True)
     if backend == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("the torch backend needs PyTorch, which is not installed here: "
+                                         "use --backend onnxruntime (or tensorrt)") from None
         from .pytorch import TorchRuntime
 
         return TorchRuntime(bundle_dir, manifest, precision=precision or "fp32", device=device, compile=compile)
@@ -47,6 +52,11 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", *, precision: str
         return OnnxRuntime(bundle_dir, manifest, precision=precision or "fp32", providers=providers)
     if precision not in (None, "fp16"):
         raise InputError("TensorRT engines are FP16 (strongly typed from model.fp16.onnx)")
+    try:  # TensorRTRuntime still allocates through torch.cuda; runtime/cuda_memory.py is the torch-free memory
+        import torch  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("the tensorrt backend still needs PyTorch for its CUDA buffers on this version: "
+                                     "use --backend onnxruntime") from None
     from .tensorrt import TensorRTRuntime
 
     return TensorRTRuntime(bundle_dir, manifest)
