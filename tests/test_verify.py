@@ -170,12 +170,41 @@ try:
 finally:
     loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in ("torch", "timm", "torchvision"))
     assert not loaded, loaded
+    import json, os
+    if os.environ.get("MODULES_OUT"):
+        with open(os.environ["MODULES_OUT"], "w") as handle:
+            json.dump(sorted({m.split(".")[0] for m, v in sys.modules.items() if v is not None}), handle)
 """
 
 
-def run_without_torch(*args):
+def run_without_torch(*args, env=None):
+    import os
+
     return subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def line_distributions() -> set[str]:
+    """requirements/line.txt and everything those packages require (their own dependencies)."""
+    import re
+    from importlib import metadata
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    todo = [name(r) for r in (REPO / "requirements" / "line.txt").read_text().splitlines() if r.strip() and not r.startswith("#")]
+    seen = set()
+    while todo:
+        dist = todo.pop()
+        if dist in seen:
+            continue
+        seen.add(dist)
+        try:
+            requires = metadata.requires(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [name(r) for r in requires if "extra ==" not in r]
+    return seen
 
 
 @pytest.mark.slow
@@ -184,8 +213,17 @@ def test_verify_and_predict_run_where_torch_cannot_be_imported(small_engine, sma
     assert result.returncode == 0, result.stderr
     assert "onnxruntime-fp16" in result.stdout and result.stdout.count("PASS") == 2
     images = sorted((small_category / "test" / "crack").iterdir())[:2] + sorted((small_category / "test" / "good").iterdir())[:1]
-    result = run_without_torch("predict", small_engine, *images, "--out", tmp_path / "pred", "--threshold", "0.5", "--quiet")
+    modules = tmp_path / "modules.json"
+    result = run_without_torch("predict", small_engine, *images, "--out", tmp_path / "pred", "--threshold", "0.5",
+                               "--quiet", env={"MODULES_OUT": str(modules)})
     assert result.returncode == 0, result.stderr
+    # requirements/line.txt covers every third-party package predict imports.
+    from importlib import metadata
+
+    owners = metadata.packages_distributions()
+    imported = {d.lower().replace("_", "-") for m in json.loads(modules.read_text()) if m != "protoad_export"
+                for d in owners.get(m, [])}
+    assert imported and imported <= line_distributions(), imported - line_distributions()
     rows = json.loads((tmp_path / "pred" / "results.json").read_text())["images"]
     assert [r["decision"] in ("good", "defective") for r in rows] == [True] * 3
     assert (tmp_path / "pred" / "heatmaps" / f"{images[0].stem}.png").is_file()
