@@ -38,11 +38,9 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", *, precision: str
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(RUNTIME_BACKENDS)}")
     manifest = read_manifest(bundle_dir, verify=True)
     if backend == "torch":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
+        if not _torch_importable():
             raise MissingDependencyError("the torch backend needs PyTorch, which is not installed here: "
-                                         "use --backend onnxruntime (or tensorrt)") from None
+                                         "use --backend onnxruntime (or tensorrt)")
         from .pytorch import TorchRuntime
 
         return TorchRuntime(bundle_dir, manifest, precision=precision or "fp32", device=device, compile=compile)
@@ -52,14 +50,23 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", *, precision: str
         return OnnxRuntime(bundle_dir, manifest, precision=precision or "fp32", providers=providers)
     if precision not in (None, "fp16"):
         raise InputError("TensorRT engines are FP16 (strongly typed from model.fp16.onnx)")
-    try:  # TensorRTRuntime still allocates through torch.cuda; runtime/cuda_memory.py is the torch-free memory
-        import torch  # noqa: F401
-    except ImportError:
+    # TensorRTRuntime still allocates through torch.cuda; runtime/cuda_memory.py is the torch-free memory.
+    if not _torch_importable():
         raise MissingDependencyError("the tensorrt backend still needs PyTorch for its CUDA buffers on this version: "
-                                     "use --backend onnxruntime") from None
+                                     "use --backend onnxruntime")
     from .tensorrt import TensorRTRuntime
 
     return TensorRTRuntime(bundle_dir, manifest)
+
+
+def _torch_importable() -> bool:
+    import importlib
+
+    try:
+        importlib.import_module("torch")
+    except ImportError:
+        return False
+    return True
 
 
 def decode(path: Path, manifest: dict) -> np.ndarray:
