@@ -42,6 +42,7 @@ from ..model.frames import FrameInput, FrameNetwork
 from ..options import (ALIGN_MODES, CHANNEL_ORDERS, DEFAULT_BACKBONE, DEFAULT_BATCH_PROFILE, DEFAULT_HOLDOUT,
                        DEFAULT_MAX_PROTOTYPES, DEVICES, INPUT_KINDS, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK,
                        similarity_batch)
+from .golden import write_golden
 from .resources import check_build_resources, engine_file_bytes
 from .holdout import empty_holdout_reason, score_holdout, split_holdout
 
@@ -449,6 +450,10 @@ def build(
             timings["holdout"] = time.perf_counter() - t0
             log("[4/4] manifest")
             manifest = _manifest(data, plan, config, extracted, fit, passed, clustered, graphs, holdout, timings)
+            # Golden outputs for `verify` on the target: PyTorch FP32 on hold-out images and synthetic defects.
+            manifest["golden"] = write_golden(network, plan.contract, plan.prep, staging, holdout=plan.held_out,
+                                              fitting=extracted.used)
+            manifest["files"].update(dict.fromkeys(manifest["golden"]["files"]))
             write_manifest(staging, manifest)
             del extracted
             commit_directory(staging, final_dir)

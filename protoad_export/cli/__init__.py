@@ -90,3 +90,4 @@ from . import build  # noqa: E402,F401
 from . import engines  # noqa: E402,F401
 from . import export  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
+from . import verify  # noqa: E402,F401

@@ -21,12 +21,8 @@ import numpy as np
 from ..bundle import atomic_write_json, read_manifest
 from ..errors import InputError, MissingDependencyError, ProtoADError, ToleranceError
 from ..data.datasets import TestSet
-from ..options import BACKEND_SPECS
+from ..options import BACKEND_SPECS, DEFAULT_TOLERANCES
 from ..build.resources import check_batch_memory
-
-# FP32 backends differ from the reference by summation order only; FP16 ones by rounding of
-# activations and weights (the prototype conv is designed to keep ~1e-3 on 1 - cos, see network.py).
-DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 5e-2)}
 DEFAULT_AUROC_TOL = 0.01
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..bundle import read_manifest
 from ..contract import InputContract
 from ..data.images import Preprocessing, load_image
-from ..errors import InputError
+from ..errors import InputError, MissingDependencyError
 from ..options import RUNTIME_BACKENDS, similarity_batch
 from .base import Inference, Runtime
 
@@ -39,6 +39,9 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", *, precision: str
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(RUNTIME_BACKENDS)}")
     manifest = read_manifest(bundle_dir, verify=False)
     if backend == "torch":
+        if not _torch_importable():
+            raise MissingDependencyError("the torch backend needs PyTorch, which is not installed here: "
+                                         "use --backend onnxruntime (or tensorrt)")
         from .pytorch import TorchRuntime
 
         return TorchRuntime(bundle_dir, manifest, precision=precision or "fp32", device=device, compile=compile)
@@ -48,9 +51,23 @@ def load(bundle_dir: str | Path, backend: str = "onnxruntime", *, precision: str
         return OnnxRuntime(bundle_dir, manifest, precision=precision or "fp32", providers=providers, device=device)
     if precision not in (None, "fp16"):
         raise InputError("TensorRT engines are FP16 (strongly typed from model.fp16.onnx)")
+    # TensorRTRuntime still allocates through torch.cuda; runtime/cuda_memory.py is the torch-free memory.
+    if not _torch_importable():
+        raise MissingDependencyError("the tensorrt backend still needs PyTorch for its CUDA buffers on this version: "
+                                     "use --backend onnxruntime")
     from .tensorrt import TensorRTRuntime
 
     return TensorRTRuntime(bundle_dir, manifest)
+
+
+def _torch_importable() -> bool:
+    import importlib
+
+    try:
+        importlib.import_module("torch")
+    except ImportError:
+        return False
+    return True
 
 
 def decode(path: Path, manifest: dict) -> np.ndarray:
