@@ -176,7 +176,7 @@ def test_cli_bad_input_is_one_line(copy, tmp_path):
     # missing bundle
     result = _run(["export", "triton", str(tmp_path / "nope"), "--repo", str(repo)])
     assert result.exit_code == 3 and result.output.strip().count("\n") == 0
-    assert result.output.startswith("error: engine directory not found:")
+    assert result.output.startswith("error: bundle not found:")
     # no compiled engine
     result = _run(["export", "triton", str(copy), "--repo", str(repo), "--backend", "tensorrt"])
     assert result.exit_code == 4 and result.output.strip().count("\n") == 0

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def bundle_copy(small_engine, tmp_path):
+def bundle_copy(small_bundle, tmp_path):
     """A private copy of the session bundle (these tests change or damage it)."""
-    return shutil.copytree(small_engine, tmp_path / "small")
+    return shutil.copytree(small_bundle, tmp_path / "small")
 
 
 def run_cli(*args):
@@ -35,24 +35,24 @@ def run_cli(*args):
     return CliRunner(**separate).invoke(main, [str(a) for a in args])
 
 
-def test_build_stores_golden_inputs_and_fp32_outputs_hashed(small_engine):
+def test_build_stores_golden_inputs_and_fp32_outputs_hashed(small_bundle):
     from protoad_export.runtime import load
 
-    manifest = read_manifest(small_engine)
+    manifest = read_manifest(small_bundle)
     golden = manifest["golden"]
     for name in golden["files"]:
-        assert manifest["files"][name]["sha256"] == sha256_file(small_engine / name)
+        assert manifest["files"][name]["sha256"] == sha256_file(small_bundle / name)
     rows = golden["rows"]
     assert [r["synthetic"] for r in rows[-2:]] == list(DEFECTS)
     assert golden["count"] == len(rows) >= 3 and any(r["source"] == "holdout" for r in rows)
-    inputs = np.load(small_engine / golden["inputs"], allow_pickle=False)
-    maps = np.load(small_engine / golden["outputs"]["anomaly_map"], allow_pickle=False)
-    scores = np.load(small_engine / golden["outputs"]["score"], allow_pickle=False)
+    inputs = np.load(small_bundle / golden["inputs"], allow_pickle=False)
+    maps = np.load(small_bundle / golden["outputs"]["anomaly_map"], allow_pickle=False)
+    scores = np.load(small_bundle / golden["outputs"]["score"], allow_pickle=False)
     size = manifest["preprocessing"]["crop"]
     assert inputs.dtype == np.float32 and inputs.shape == (len(rows), 3, size, size)
     assert maps.shape == (len(rows), 1, size, size) and scores.shape == (len(rows),)
     # The stored outputs are the FP32 module's on the stored inputs.
-    ref_maps, ref_scores = load(small_engine, "torch").predict(inputs)
+    ref_maps, ref_scores = load(small_bundle, "torch").predict(inputs)
     np.testing.assert_allclose(maps[:, 0], ref_maps, atol=1e-5)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
     # The drawn defects reach the decision path: each scores above every normal row.
@@ -70,8 +70,8 @@ def test_drawn_defects_are_deterministic_dark_and_central():
     assert (pixels == 200).all()  # the caller's image is not drawn on
 
 
-def test_verify_passes_on_onnxruntime_fp32_and_fp16_with_a_report(small_engine, tmp_path):
-    result = run_cli("verify", small_engine, "--json", tmp_path / "r" / "verify.json")
+def test_verify_passes_on_onnxruntime_fp32_and_fp16_with_a_report(small_bundle, tmp_path):
+    result = run_cli("verify", small_bundle, "--json", tmp_path / "r" / "verify.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "verify.json").read_text())
     assert [r["backend"] for r in report["results"]] == ["onnxruntime", "onnxruntime-fp16"]
@@ -84,8 +84,8 @@ def test_verify_passes_on_onnxruntime_fp32_and_fp16_with_a_report(small_engine, 
     assert "largest score difference" in result.output and "no threshold stored" in result.output
 
 
-def test_verify_past_a_tolerance_exits_5_after_the_report(small_engine):
-    result = run_cli("verify", small_engine, "--backend", "onnxruntime-fp16", "--atol", "0", "--rtol", "0")
+def test_verify_past_a_tolerance_exits_5_after_the_report(small_bundle):
+    result = run_cli("verify", small_bundle, "--backend", "onnxruntime-fp16", "--atol", "0", "--rtol", "0")
     assert result.exit_code == 5
     assert "FAIL" in result.stdout
     assert result.stderr.startswith("error: verify failed: onnxruntime-fp16: anomaly_map: ")
@@ -150,12 +150,12 @@ def test_missing_or_tampered_golden_files_are_refused_naming_the_file(bundle_cop
     assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
 
 
-def test_a_backend_that_cannot_run_is_named_after_the_others_report(small_engine):
-    result = run_cli("verify", small_engine, "--backend", "onnxruntime", "--backend", "tensorrt")
+def test_a_backend_that_cannot_run_is_named_after_the_others_report(small_bundle):
+    result = run_cli("verify", small_bundle, "--backend", "onnxruntime", "--backend", "tensorrt")
     assert result.exit_code == 3  # the bundle has no engine: the loader's own exit code
     assert "onnxruntime" in result.stdout and "PASS" in result.stdout
-    assert result.stderr == (f"error: backend not run: tensorrt: {small_engine} has no TensorRT engine: "
-                             f"run `protoad-export compile {small_engine}` on the target machine\n")
+    assert result.stderr == (f"error: backend not run: tensorrt: {small_bundle} has no TensorRT engine: "
+                             f"run `protoad-export compile {small_bundle}` on the target machine\n")
 
 
 # A line PC: every import of torch, timm or torchvision fails.
@@ -209,13 +209,13 @@ def line_distributions() -> set[str]:
 
 
 @pytest.mark.slow
-def test_verify_and_predict_run_where_torch_cannot_be_imported(small_engine, small_category, tmp_path):
-    result = run_without_torch("verify", small_engine)
+def test_verify_and_predict_run_where_torch_cannot_be_imported(small_bundle, small_category, tmp_path):
+    result = run_without_torch("verify", small_bundle)
     assert result.returncode == 0, result.stderr
     assert "onnxruntime-fp16" in result.stdout and result.stdout.count("PASS") == 2
     images = sorted((small_category / "test" / "crack").iterdir())[:2] + sorted((small_category / "test" / "good").iterdir())[:1]
     modules = tmp_path / "modules.json"
-    result = run_without_torch("predict", small_engine, *images, "--out", tmp_path / "pred", "--threshold", "0.5",
+    result = run_without_torch("predict", small_bundle, *images, "--out", tmp_path / "pred", "--threshold", "0.5",
                                "--quiet", env={"MODULES_OUT": str(modules)})
     assert result.returncode == 0, result.stderr
     # requirements/line.txt covers every third-party package predict imports.
@@ -229,19 +229,19 @@ def test_verify_and_predict_run_where_torch_cannot_be_imported(small_engine, sma
     assert [r["decision"] in ("good", "defective") for r in rows] == [True] * 3
     assert (tmp_path / "pred" / "heatmaps" / f"{images[0].stem}.png").is_file()
     # A backend that needs torch says so in one line.
-    result = run_without_torch("verify", small_engine, "--backend", "torch")
+    result = run_without_torch("verify", small_bundle, "--backend", "torch")
     assert result.returncode == 4
     assert result.stderr == ("error: backend not run: torch: the torch backend needs PyTorch, which is not installed "
                              "here: use --backend onnxruntime (or tensorrt)\n")
 
 
 @pytest.mark.slow
-def test_runtime_load_and_infer_without_torch(small_engine):
+def test_runtime_load_and_infer_without_torch(small_bundle):
     script = NO_TORCH.split("sys.argv")[0] + f"""
 import numpy as np
 from protoad_export import runtime
-rt = runtime.load({str(small_engine)!r}, backend="onnxruntime")
-inputs = np.load({str(small_engine / "golden" / "inputs.npy")!r})
+rt = runtime.load({str(small_bundle)!r}, backend="onnxruntime")
+inputs = np.load({str(small_bundle / "golden" / "inputs.npy")!r})
 out = rt.infer(inputs, threshold=0.5)
 print(out.maps.shape, out.scores.dtype, out.decisions.tolist())
 assert "torch" not in [m.split(".")[0] for m, v in sys.modules.items() if v is not None]
