@@ -363,6 +363,11 @@ def _plain_name(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and "/" not in value and "\\" not in value and value not in (".", "..")
 
 
+def _bundle_file(value: Any) -> bool:
+    """A file name, or one folder deep (``golden/score.npy``): never absolute, never leaving the bundle."""
+    return isinstance(value, str) and 0 < value.count("/") + 1 <= 2 and all(_plain_name(p) for p in value.split("/"))
+
+
 def _finite_triple(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(_is_number(v) and math.isfinite(v) for v in value)
 
@@ -440,7 +445,7 @@ def check_manifest(manifest: dict[str, Any], path: str | os.PathLike = MANIFEST_
     if not manifest["onnx"]:
         raise bad("onnx", "lists no model")
     for name, entry in manifest["files"].items():
-        if not _plain_name(name) or not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+        if not _bundle_file(name) or not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                                          and _is_int(entry.get("bytes"))):
             raise bad(f"files.{name}", "must be a file name with its sha256 and bytes")
     # The threshold has its own message (the remedy is calibrate, not a rebuild).
