@@ -103,8 +103,9 @@ def bench_cmd(bundle_dir, backends, data, limit, fps, batch_sizes, device, atol,
 
     if json_path:
         output_folder(json_path.parent, "--json")
-    report = bench(bundle_dir, backends or None, data, limit, fps, batch_sizes, device, atol, rtol, auroc_tol,
-                   warmup, iterations, duration, log=click.echo)
+    report = bench(bundle_dir, backends=backends or None, data=data, limit=limit, fps=fps, batch_sizes=batch_sizes,
+                   device=device, atol=atol, rtol=rtol, auroc_tol=auroc_tol, warmup=warmup, iterations=iterations,
+                   min_seconds=duration, log=click.echo)
     print_report(report)
     if json_path:
         write_json(report, json_path)

@@ -37,8 +37,9 @@ def eval_command(bundle_dir, data, backend, precision, device, batch_size, basel
     out = out or Path(f"eval-{Path(bundle_dir).resolve().name}")
     if json_path:
         output_folder(json_path.parent, "--json")
-    report = evaluate_bundle(bundle_dir, data, backend, precision, batch_size, baseline, baseline_train_images,
-                             device, out, progress=not quiet, log=click.echo)
+    report = evaluate_bundle(bundle_dir, data, backend=backend, precision=precision, batch_size=batch_size,
+                             baseline=baseline, baseline_train_images=baseline_train_images, device=device,
+                             out_dir=out, progress=not quiet, log=click.echo)
     click.echo(format_table(report))
     if json_path:
         atomic_write_json(json_path, report)

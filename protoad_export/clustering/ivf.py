@@ -14,6 +14,7 @@ FP16 features) plus one chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -212,25 +213,71 @@ def approx_first_neighbours(
     """
     n, dim = x.shape
     choice = kernels.choose(dim, force=kernel)
-    kern = choice.name
     nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, int(round(IVF_LISTS_PER_ROOT * math.sqrt(n)))))
     rng = np.random.default_rng(seed)
+    index = _build_index(x, nlist=nlist, rng=rng, kernel=choice.name)
+    budget = _budget_scale(choice)
+    per_list = n / nlist
+    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS * budget / (2 * n * per_list * dim))))
+    depth = min(nlist, max(cap, nprobe or 1))
+    estimate = None
+    if nprobe is None:
+        nprobe, estimate = _calibrate_nprobe(index, dim=dim, depth=depth, budget=budget, target=target, rng=rng)
+    nprobe = min(nprobe, nlist)  # below nlist, within the ranked depth
+    idx, best = _scan_all(index, nprobe=nprobe)
+    missing = np.flatnonzero(idx < 0)  # alone in every probed list
+    if len(missing):
+        idx[missing], best[missing] = exact_for_some(x, missing)
+    _take_reverse_links(idx, best)
+    return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate, "kernel": choice.record()}
+
+
+@dataclass
+class _Index:
+    """The IVF's lists: rows packed in list order as two int8 halves (``_split16``), the int8
+    centroids prepared for the scan kernel, and the maps between rows and packed positions."""
+
+    packed8: torch.Tensor  # [N, C] high halves in list order: the scan's int8 copy
+    low8: torch.Tensor  # [N, C] low halves, for the FP32 re-scoring
+    scale: float  # int8 units per unit of a coordinate
+    bounds: np.ndarray  # [nlist + 1] packed positions where each list starts
+    order: np.ndarray  # packed position -> row
+    where: np.ndarray  # row -> packed position
+    home: np.ndarray  # row -> its list
+    centroids8t: torch.Tensor  # [C, nlist], ``kernels.prepare_scan``
+    nlist: int
+    kernel: str
+
+    def search(self, rows: np.ndarray, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_best_in_ranges`` for ``rows`` (in list order) over their ``lists`` [Q, p]."""
+        return _best_in_ranges(self.packed8, self.low8, self.scale, self.bounds, self.where[rows], lists, self.kernel)
+
+    def lists_of(self, rows: np.ndarray, p: int, ordered: bool = True) -> np.ndarray:
+        """The ``p`` lists nearest each of ``rows``, ranked from the int8 rows (the same way for
+        the calibration and the scan)."""
+        return _lists_of(self.packed8, self.where[rows], self.centroids8t, p, ordered, self.kernel)
+
+    def every_list(self, count: int) -> np.ndarray:
+        """All lists, for each of ``count`` queries (an exhaustive search)."""
+        return np.tile(np.arange(self.nlist, dtype=np.int16 if self.nlist < 2**15 else np.int32), (count, 1))
+
+
+def _build_index(x: np.ndarray, *, nlist: int, rng: np.random.Generator, kernel: str) -> _Index:
+    """Train ``nlist`` centroids on a sample of ``x``, assign every row its home list and pack
+    the rows in list order (``_Index``)."""
+    n, dim = x.shape
     train = unit_sample(x, np.sort(rng.choice(n, size=min(n, IVF_TRAIN_PER_LIST * nlist), replace=False)))
     centroids = spherical_kmeans(train, nlist, IVF_KMEANS_ITERATIONS, rng)
     del train
     # Transposed once: a transposed view as the second operand costs a copy per product.
-    centroids8t = kernels.prepare_scan(kern, _int8_rows(centroids, 127 / max(float(np.abs(centroids).max()), 1e-12)).T.contiguous())
+    centroids8t = kernels.prepare_scan(kernel, _int8_rows(centroids, 127 / max(float(np.abs(centroids).max()), 1e-12)).T.contiguous())
     step = chunk_rows(x)
-    per_list = n / nlist
-    budget = _budget_scale(choice)
-    cap = max(1, min(int(MAX_PROBE_SHARE * nlist), int(IVF_SCAN_OPS * budget / (2 * n * per_list * dim))))
     # One pass finds each row's home list and the largest coordinate, which sets the int8 scale.
-    depth = min(nlist, max(cap, nprobe or 1))
     home, peak = np.empty(n, dtype=np.int64), 1e-12
     for s in range(0, n, step):
         rows = unit_rows(x, s, s + step)
         peak = max(peak, float(np.abs(rows).max()))
-        home[s : s + step] = kernels.scan_product(kern, _int8_rows(rows), centroids8t).argmax(dim=1).numpy()
+        home[s : s + step] = kernels.scan_product(kernel, _int8_rows(rows), centroids8t).argmax(dim=1).numpy()
     order = np.argsort(home, kind="stable")  # packed position -> row
     bounds = np.searchsorted(home[order], np.arange(nlist + 1))
     where = np.empty(n, dtype=np.int64)  # row -> packed position
@@ -244,58 +291,60 @@ def approx_first_neighbours(
     for s in range(0, n, step):
         at = torch.from_numpy(where[s : s + step])
         packed8[at], low8[at] = _split16(unit_rows(x, s, s + step), scale)
-    search = lambda rows, lists: _best_in_ranges(packed8, low8, scale, bounds, where[rows], lists, kern)  # noqa: E731
-    # Lists are ranked from the int8 rows, the same way for the calibration and the scan.
-    lists_of = lambda rows, p, ordered=True: _lists_of(packed8, where[rows], centroids8t, p, ordered, kern)  # noqa: E731
-    every_list = lambda count: np.tile(np.arange(nlist, dtype=np.int16 if nlist < 2**15 else np.int32), (count, 1))  # noqa: E731
-    estimate = None
-    if nprobe is None:
-        # A probe is found at depth p when the home list of its exact first neighbour is among
-        # its first p lists (another, equally similar neighbour elsewhere would only help), so one
-        # exact search of the probes gives the recall at every nprobe without scanning.
-        count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_OPS * budget / (2 * n * dim))))
-        probes = order[np.sort(where[rng.choice(n, size=count, replace=False)])]  # in list order
-        exact_pos, _ = search(probes, every_list(count))
-        hit_rank = _hit_ranks(lists_of(probes, depth), home[order[exact_pos]])
-        needed = min(1.0, target + RECALL_Z * math.sqrt(target * (1 - target) / count))
-        # The reverse repair (``_take_reverse_links``) also finds a probe whose exact neighbour y
-        # has the probe as its own exact neighbour, at the depth where y's lists reach the
-        # probe's. Counted for the probes found directly only after the depth where the direct
-        # recall is REPAIR_CHECK_SHARE short of what is needed (few: one more exact search each;
-        # at most all probes not in their first list). For the others the direct rank stands,
-        # so the estimate never exceeds the repaired recall and equals it beyond that depth.
-        direct_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count
-        early = np.flatnonzero(direct_at >= needed - REPAIR_CHECK_SHARE)  # [p - 1]
-        late = np.flatnonzero(hit_rank > (int(early[0]) if len(early) else 0))
-        if len(late):
-            y_pos, y_of_late = np.unique(exact_pos[late], return_inverse=True)
-            y_exact, _ = search(order[y_pos], every_list(len(y_pos)))
-            mutual = y_exact[y_of_late] == where[probes[late]]
-            y_rank = _hit_ranks(lists_of(order[y_pos], depth)[y_of_late], home[probes[late]])
-            hit_rank[late] = np.where(mutual, np.minimum(hit_rank[late], y_rank), hit_rank[late])
-        recall_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count  # [p-1]
-        reached = np.flatnonzero(recall_at >= needed)
-        if len(reached):
-            nprobe = int(reached[0]) + 1
-        elif n <= EXHAUSTIVE_LIMIT:
-            nprobe = nlist
-        else:
-            nprobe = depth
-        estimate = float(recall_at[nprobe - 1]) if nprobe <= depth else 1.0
-    nprobe = min(nprobe, nlist)  # below nlist, within the ranked depth
+    return _Index(packed8, low8, scale, bounds, order, where, home, centroids8t, nlist, kernel)
+
+
+def _calibrate_nprobe(index: _Index, *, dim: int, depth: int, budget: float, target: float,
+                      rng: np.random.Generator) -> tuple[int, float]:
+    """The smallest nprobe whose first-neighbour recall on sampled probes reaches ``target`` at
+    95 % one-sided confidence (``approx_first_neighbours``), and that recall estimate."""
+    n, nlist, order, where, home = len(index.order), index.nlist, index.order, index.where, index.home
+    # A probe is found at depth p when the home list of its exact first neighbour is among
+    # its first p lists (another, equally similar neighbour elsewhere would only help), so one
+    # exact search of the probes gives the recall at every nprobe without scanning.
+    count = int(min(n, RECALL_PROBES, max(RECALL_PROBES_MIN, RECALL_OPS * budget / (2 * n * dim))))
+    probes = order[np.sort(where[rng.choice(n, size=count, replace=False)])]  # in list order
+    exact_pos, _ = index.search(probes, index.every_list(count))
+    hit_rank = _hit_ranks(index.lists_of(probes, depth), home[order[exact_pos]])
+    needed = min(1.0, target + RECALL_Z * math.sqrt(target * (1 - target) / count))
+    # The reverse repair (``_take_reverse_links``) also finds a probe whose exact neighbour y
+    # has the probe as its own exact neighbour, at the depth where y's lists reach the
+    # probe's. Counted for the probes found directly only after the depth where the direct
+    # recall is REPAIR_CHECK_SHARE short of what is needed (few: one more exact search each;
+    # at most all probes not in their first list). For the others the direct rank stands,
+    # so the estimate never exceeds the repaired recall and equals it beyond that depth.
+    direct_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count
+    early = np.flatnonzero(direct_at >= needed - REPAIR_CHECK_SHARE)  # [p - 1]
+    late = np.flatnonzero(hit_rank > (int(early[0]) if len(early) else 0))
+    if len(late):
+        y_pos, y_of_late = np.unique(exact_pos[late], return_inverse=True)
+        y_exact, _ = index.search(order[y_pos], index.every_list(len(y_pos)))
+        mutual = y_exact[y_of_late] == where[probes[late]]
+        y_rank = _hit_ranks(index.lists_of(order[y_pos], depth)[y_of_late], home[probes[late]])
+        hit_rank[late] = np.where(mutual, np.minimum(hit_rank[late], y_rank), hit_rank[late])
+    recall_at = np.cumsum(np.bincount(hit_rank, minlength=depth + 1))[:depth] / count  # [p-1]
+    reached = np.flatnonzero(recall_at >= needed)
+    if len(reached):
+        nprobe = int(reached[0]) + 1
+    elif n <= EXHAUSTIVE_LIMIT:
+        nprobe = nlist
+    else:
+        nprobe = depth
+    return nprobe, float(recall_at[nprobe - 1]) if nprobe <= depth else 1.0
+
+
+def _scan_all(index: _Index, *, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's first neighbour (row, -1 if none) and similarity among its ``nprobe`` lists."""
+    n = len(index.order)
     idx = np.empty(n, dtype=np.int64)
     best = np.empty(n, dtype=np.float32)
     per_chunk = max(1, _TABLE_ELEMENTS // nprobe)
     for s in range(0, n, per_chunk):  # bounded [rows, nprobe] tables
-        rows = order[s : s + per_chunk]  # in list order, as the searches need
-        lists = every_list(len(rows)) if nprobe == nlist else lists_of(rows, nprobe, False)
-        found, best[rows] = search(rows, lists)
-        idx[rows] = np.where(found >= 0, order[found], -1)
-    missing = np.flatnonzero(idx < 0)  # alone in every probed list
-    if len(missing):
-        idx[missing], best[missing] = exact_for_some(x, missing)
-    _take_reverse_links(idx, best)
-    return idx, best, {"nlist": nlist, "nprobe": nprobe, "recall": estimate, "kernel": choice.record()}
+        rows = index.order[s : s + per_chunk]  # in list order, as the searches need
+        lists = index.every_list(len(rows)) if nprobe == index.nlist else index.lists_of(rows, nprobe, False)
+        found, best[rows] = index.search(rows, lists)
+        idx[rows] = np.where(found >= 0, index.order[found], -1)
+    return idx, best
 
 
 def _budget_scale(choice: kernels.KernelChoice) -> float:

@@ -177,6 +177,7 @@ def default_backends(device: str) -> list[str]:
 
 def bench(
     bundle_dir: str | Path,
+    *,
     backends: Sequence[str] | None = None,
     data: str | Path | None = None,
     limit: int | None = None,
@@ -197,8 +198,6 @@ def bench(
     Returns the report (as written by ``--json``); raises ToleranceError after reporting when any
     backend exceeds a tolerance. ``atol``/``rtol`` default per precision (DEFAULT_TOLERANCES).
     """
-    from .timing import time_runtime
-
     log = log or (lambda _msg: None)
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir, verify=True)
@@ -207,11 +206,7 @@ def bench(
     device = resolve_device(device).type
     requested = list(backends or [])
     backends = list(backends or default_backends(device))
-    for name in backends:
-        if name not in BACKEND_SPECS:
-            raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
-    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    _check_bench_options(backends, batch_sizes)
     if fps:
         # Each timed batch is decoded and held whole: a batch that cannot fit stops here, not at a
         # MemoryError after the fidelity run.
@@ -221,7 +216,6 @@ def bench(
 
     reference = open_backend(bundle_dir, "torch", device)
     ref_maps, ref_scores = run_all(reference, images, batch_size)
-    ref_maps64, ref_scores64 = ref_maps.astype(np.float64), ref_scores.astype(np.float64)
     ref_aurocs = _aurocs(images, ref_maps, ref_scores)
     report: dict[str, Any] = {
         "bundle_dir": str(bundle_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -233,6 +227,32 @@ def bench(
         "reference": {"backend": "torch", "precision": "fp32", "image_auroc": ref_aurocs[0], "pixel_auroc": ref_aurocs[1]},
         "fidelity": [], "speed": [], "skipped": {}, "requested": requested,
     }
+    runtimes = _check_fidelity(report, bundle_dir, backends, reference=reference, images=images,
+                               reference_outputs=(ref_maps, ref_scores), ref_aurocs=ref_aurocs, device=device,
+                               atol=atol, rtol=rtol, auroc_tol=auroc_tol, batch_size=batch_size, log=log)
+    if fps:
+        _time_backends(report, {"torch": reference, **runtimes}, images, manifest, batch_sizes=batch_sizes,
+                       warmup=warmup, iterations=iterations, min_seconds=min_seconds)
+    return report
+
+
+def _check_bench_options(backends: Sequence[str], batch_sizes: Sequence[int]) -> None:
+    """Refuse unknown backend names and batch sizes that are not positive integers, before any
+    image is decoded."""
+    for name in backends:
+        if name not in BACKEND_SPECS:
+            raise InputError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_SPECS)}")
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+
+
+def _check_fidelity(report: dict[str, Any], bundle_dir: Path, backends: Sequence[str], *, reference, images: TestImages,
+                    reference_outputs: tuple[np.ndarray, np.ndarray], ref_aurocs: tuple[float | None, float | None],
+                    device: str, atol: float | None, rtol: float | None, auroc_tol: float, batch_size: int,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Run each backend on ``images`` and append its comparison with the reference to
+    ``report["fidelity"]`` (or its reason to ``report["skipped"]``); returns the runtimes opened."""
+    ref_maps64, ref_scores64 = (a.astype(np.float64) for a in reference_outputs)
     runtimes = {}
     for name in backends:
         try:
@@ -251,23 +271,26 @@ def bench(
                       a if atol is None else atol, r if rtol is None else rtol, auroc_tol,
                       getattr(rt, "providers", None))
         report["fidelity"].append(asdict(fid) | {"passed": fid.passed})
+    return runtimes
 
-    if fps:
-        from ..runtime import preprocess_paths
 
-        timed = {"torch": reference, **runtimes}
-        for b in batch_sizes:
-            # The first b test images (cycled when there are fewer): timing on real pictures.
-            paths = [images.paths[i % len(images.paths)] for i in range(b)]
-            batch = preprocess_paths(paths, manifest)
-            for name, rt in timed.items():
-                lo, hi = getattr(rt, "min_batch", 1), getattr(rt, "max_batch", None)
-                if b < lo or (hi is not None and b > hi):
-                    report["skipped"][f"{name}@{b}"] = f"batch {b} is outside the engine's profile {lo}..{hi}"
-                    continue
-                res = time_runtime(rt, batch, name, warmup, iterations, min_seconds)
-                report["speed"].append(res.to_dict())
-    return report
+def _time_backends(report: dict[str, Any], timed: dict[str, Any], images: TestImages, manifest: dict, *,
+                   batch_sizes: Sequence[int], warmup: int, iterations: int, min_seconds: float) -> None:
+    """Time each runtime at each batch size its profile allows, into ``report["speed"]``."""
+    from ..runtime import preprocess_paths
+    from .timing import time_runtime
+
+    for b in batch_sizes:
+        # The first b test images (cycled when there are fewer): timing on real pictures.
+        paths = [images.paths[i % len(images.paths)] for i in range(b)]
+        batch = preprocess_paths(paths, manifest)
+        for name, rt in timed.items():
+            lo, hi = getattr(rt, "min_batch", 1), getattr(rt, "max_batch", None)
+            if b < lo or (hi is not None and b > hi):
+                report["skipped"][f"{name}@{b}"] = f"batch {b} is outside the engine's profile {lo}..{hi}"
+                continue
+            res = time_runtime(rt, batch, name, warmup, iterations, min_seconds)
+            report["speed"].append(res.to_dict())
 
 
 def check_tolerances(report: dict[str, Any]) -> None:

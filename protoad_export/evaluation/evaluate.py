@@ -85,6 +85,7 @@ def image_auroc_differences(defects: Sequence[str], scores: np.ndarray, referenc
 def evaluate_bundle(
     bundle_dir: str | Path,
     data: str | Path,
+    *,
     backend: str = "onnxruntime",
     precision: str | None = None,
     batch_size: int = 8,
@@ -100,8 +101,7 @@ def evaluate_bundle(
     Returns the report dict (also written to ``out_dir/evaluation.json`` with the plots when
     ``out_dir`` is given). Images per second include decoding and preprocessing.
     """
-    from ..runtime import load, predict_paths
-    from .knn import KnnBaseline, bank_images
+    from ..runtime import load
 
     log = log or (lambda _m: None)
     if out_dir is not None:
@@ -120,49 +120,83 @@ def evaluate_bundle(
     if pixel_metrics != "available":
         log(f"warning: no ground-truth masks in {Path(data) / 'ground_truth'}: image metrics only "
             "(pixel AUROC and PRO are not available)")
-    paths = [s.path for s in test.samples]
-    log(f"evaluating {len(paths)} test images ({', '.join(test.defects)} + good) with {backend}")
-    t0 = time.perf_counter()
-    pred = predict_paths(runtime, paths, batch_size, progress=progress, desc="ProtoAD")
-    maps, scores, secs = pred.maps, pred.scores, time.perf_counter() - t0
-    protos = manifest["prototypes"]
-    methods = {"protoad": {
-        "metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),
-        "images_per_second": round(len(paths) / secs, 2), "backend": backend, "precision": runtime.precision,
-        "prototypes": protos["count"], "prototypes_mib_fp32": round(protos["count"] * protos["dim"] * 4 / 2**20, 2),
-    }}
+    log(f"evaluating {len(test.samples)} test images ({', '.join(test.defects)} + good) with {backend}")
+    protoad, maps, scores = _evaluate_runtime(runtime, test, backend=backend, batch_size=batch_size, progress=progress)
     if threshold is not None:
-        methods["protoad"]["at_threshold"] = at_threshold(test, scores, threshold)
-    all_scores = {"protoad": scores}
+        protoad["at_threshold"] = at_threshold(test, scores, threshold)
+    methods, all_scores = {"protoad": protoad}, {"protoad": scores}
     # ONNX Runtime's idle worker threads spin for a while and would slow the baseline's matmuls.
     del runtime
     if baseline == "knn":
-        bank = bank_images(manifest, baseline_train_images)
-        log(f"kNN baseline: memory bank of all patches of {len(bank)} training images")
-        knn = KnnBaseline(bundle_dir, manifest, bank, device=device, batch_size=batch_size, progress=progress)
-        t0 = time.perf_counter()
-        kpred = predict_paths(knn, paths, batch_size, progress=progress, desc="kNN")
-        kmaps, kscores, ksecs = kpred.maps, kpred.scores, time.perf_counter() - t0
-        grid = manifest["train"]["grid"]
-        per_image = 2 * grid[0] * grid[1] * knn.bank.shape[0] * knn.bank.shape[1]
-        methods["knn"] = {
-            "metrics": score_metrics(test, kscores, kmaps), "seconds": round(ksecs, 2),
-            "images_per_second": round(len(paths) / ksecs, 2), **knn.info(),
-            "search_gflop_per_image": round(per_image / 1e9, 1),
-            "bank_subsampled": baseline_train_images is not None,
-        }
-        all_scores["knn"] = kscores
-        methods["protoad"]["image_auroc_minus_knn"] = image_auroc_differences([s.defect for s in test.samples], scores, kscores)
-        del knn, kmaps
-    report = {
+        methods["knn"], all_scores["knn"] = _evaluate_knn(bundle_dir, manifest, test, device=device, batch_size=batch_size,
+                                                          train_images=baseline_train_images, progress=progress, log=log)
+        protoad["image_auroc_minus_knn"] = image_auroc_differences([s.defect for s in test.samples], scores,
+                                                                   all_scores["knn"])
+    report = _report(bundle_dir, data, test, device=device, map_shape=maps.shape, pixel_metrics=pixel_metrics,
+                     threshold=threshold, methods=methods, all_scores=all_scores)
+    if out_dir is not None:
+        from .plots import write_plots
+
+        report["plots"] = write_plots(out_dir, test.labels, [s.defect for s in test.samples], all_scores, threshold)
+        atomic_write_json(out_dir / "evaluation.json", report)
+    return report
+
+
+def _evaluate_runtime(runtime, test: TestSet, *, backend: str, batch_size: int,
+                      progress: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The engine's report entry (metrics, speed, prototypes), maps [N, S, S] and scores [N] on
+    the test set."""
+    from ..runtime import predict_paths
+
+    paths = [s.path for s in test.samples]
+    t0 = time.perf_counter()
+    pred = predict_paths(runtime, paths, batch_size, progress=progress, desc="ProtoAD")
+    maps, scores, secs = pred.maps, pred.scores, time.perf_counter() - t0
+    protos = runtime.manifest["prototypes"]
+    entry = {
+        "metrics": score_metrics(test, scores, maps), "seconds": round(secs, 2),
+        "images_per_second": round(len(paths) / secs, 2), "backend": backend, "precision": runtime.precision,
+        "prototypes": protos["count"], "prototypes_mib_fp32": round(protos["count"] * protos["dim"] * 4 / 2**20, 2),
+    }
+    return entry, maps, scores
+
+
+def _evaluate_knn(bundle_dir: str | Path, manifest: dict, test: TestSet, *, device: str, batch_size: int,
+                  train_images: int | None, progress: bool, log: Callable[[str], None]) -> tuple[dict, np.ndarray]:
+    """The exact kNN baseline's report entry and scores [N] on the test set (``knn.py``)."""
+    from ..runtime import predict_paths
+    from .knn import KnnBaseline, bank_images
+
+    paths = [s.path for s in test.samples]
+    bank = bank_images(manifest, train_images)
+    log(f"kNN baseline: memory bank of all patches of {len(bank)} training images")
+    knn = KnnBaseline(bundle_dir, manifest, bank, device=device, batch_size=batch_size, progress=progress)
+    t0 = time.perf_counter()
+    kpred = predict_paths(knn, paths, batch_size, progress=progress, desc="kNN")
+    kmaps, kscores, ksecs = kpred.maps, kpred.scores, time.perf_counter() - t0
+    grid = manifest["train"]["grid"]
+    per_image = 2 * grid[0] * grid[1] * knn.bank.shape[0] * knn.bank.shape[1]
+    entry = {
+        "metrics": score_metrics(test, kscores, kmaps), "seconds": round(ksecs, 2),
+        "images_per_second": round(len(paths) / ksecs, 2), **knn.info(),
+        "search_gflop_per_image": round(per_image / 1e9, 1),
+        "bank_subsampled": train_images is not None,
+    }
+    return entry, kscores
+
+
+def _report(bundle_dir: str | Path, data: str | Path, test: TestSet, *, device: str, map_shape: tuple[int, ...],
+            pixel_metrics: str, threshold: float | None, methods: dict, all_scores: dict[str, np.ndarray]) -> dict:
+    """The evaluation report (``evaluation.json``) around the methods' entries."""
+    return {
         "engine": str(Path(bundle_dir).resolve()), "data": str(Path(data).resolve()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "device": device},
-        "test_images": {"total": len(paths), "good": int((test.labels == 0).sum()),
+        "test_images": {"total": len(test.samples), "good": int((test.labels == 0).sum()),
                         "per_defect": {d: sum(s.defect == d for s in test.samples) for d in test.defects},
                         "image_level_only": [str(s.path) for s, ok in zip(test.samples, test.pixel_ok) if not ok]},
-        "map_resolution": [int(maps.shape[1]), int(maps.shape[2])],
+        "map_resolution": [int(map_shape[1]), int(map_shape[2])],
         "pixel_metrics": pixel_metrics,
         "threshold": threshold,
         "methods": methods,
@@ -171,12 +205,6 @@ def evaluate_bundle(
                           **{name: float(v[i]) for name, v in all_scores.items()}}
                          for i, s in enumerate(test.samples)],
     }
-    if out_dir is not None:
-        from .plots import write_plots
-
-        report["plots"] = write_plots(out_dir, test.labels, [s.defect for s in test.samples], all_scores, threshold)
-        atomic_write_json(out_dir / "evaluation.json", report)
-    return report
 
 
 def format_table(report: dict) -> str:

@@ -213,12 +213,7 @@ def compile_engine(
     missing = missing_requirements()
     if missing:
         raise MissingDependencyError(f"cannot compile here: {missing}; the ONNX files in {bundle_dir} are ready to compile on the target machine")
-    if batch_profile is None:
-        bp = manifest["batch_profile"]
-        batch_profile = (int(bp["min"]), int(bp["opt"]), int(bp["max"]))
-    lo, opt, hi = batch_profile
-    if not 1 <= lo <= opt <= hi:
-        raise InputError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
+    lo, opt, hi = _batch_profile(manifest, batch_profile)
     if not 0 <= optimization_level <= 5:
         raise InputError(f"builder optimization level must be 0..5, got {optimization_level}")
     entry = manifest["onnx"].get("fp16")
@@ -239,15 +234,8 @@ def compile_engine(
     network = builder.create_network(network_flags(trt))
     parse_onnx(trt, network, logger, onnx_path)
 
-    config = builder.create_builder_config()
-    if workspace_gib is not None:
-        if workspace_gib <= 0:
-            raise InputError(f"workspace must be positive, got {workspace_gib} GiB")
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    config.builder_optimization_level = optimization_level
-    profile = builder.create_optimization_profile()
-    profile.set_shape(contract.name, contract.shape(lo), contract.shape(opt), contract.shape(hi))
-    config.add_optimization_profile(profile)
+    config = _builder_config(trt, builder, contract, batch_profile=(lo, opt, hi), workspace_gib=workspace_gib,
+                             optimization_level=optimization_level)
 
     # The timing cache lives beside the engines and is not listed in the manifest's files: it
     # changes with every build and only speeds builds up.
@@ -255,14 +243,8 @@ def compile_engine(
     cache_path = bundle_dir / cache_name
     save_cache = attach_timing_cache(trt, config, cache_path, log)
 
-    t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if plan is None:
-        raise ArtifactError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT messages above)")
-    atomic_write_bytes(bundle_dir / filename, bytes(memoryview(plan)))
-    if save_cache:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    seconds = _build_plan(builder, network, config, onnx_name=onnx_path.name, engine_path=bundle_dir / filename,
+                          cache_path=cache_path if save_cache else None)
 
     record = {
         "file": filename, "precision": "fp16", "strongly_typed": True,
@@ -272,11 +254,57 @@ def compile_engine(
         "optimization_level": optimization_level, "build_seconds": round(seconds, 3),
         "timing_cache": cache_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    _record_engine(bundle_dir, manifest, slug, record)
+    log(f"engine: {bundle_dir / filename} ({seconds:.1f} s)")
+    return record
+
+
+def _build_plan(builder, network, config, *, onnx_name: str, engine_path: Path, cache_path: Path | None) -> float:
+    """Build the plan, write it to ``engine_path`` (and the timing cache to ``cache_path`` if
+    given); return the build's seconds."""
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if plan is None:
+        raise ArtifactError(f"TensorRT failed to build an engine from {onnx_name} (see the TensorRT messages above)")
+    atomic_write_bytes(engine_path, bytes(memoryview(plan)))
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    return seconds
+
+
+def _batch_profile(manifest: dict, batch_profile: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """``batch_profile`` (MIN, OPT, MAX), or the one recorded at build time, checked."""
+    if batch_profile is None:
+        bp = manifest["batch_profile"]
+        batch_profile = (int(bp["min"]), int(bp["opt"]), int(bp["max"]))
+    lo, opt, hi = batch_profile
+    if not 1 <= lo <= opt <= hi:
+        raise InputError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
+    return lo, opt, hi
+
+
+def _builder_config(trt, builder, contract: InputContract, *, batch_profile: tuple[int, int, int],
+                    workspace_gib: float | None, optimization_level: int):
+    """A builder config with the workspace cap, optimization level and one batch profile."""
+    lo, opt, hi = batch_profile
+    config = builder.create_builder_config()
+    if workspace_gib is not None:
+        if workspace_gib <= 0:
+            raise InputError(f"workspace must be positive, got {workspace_gib} GiB")
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.builder_optimization_level = optimization_level
+    profile = builder.create_optimization_profile()
+    profile.set_shape(contract.name, contract.shape(lo), contract.shape(opt), contract.shape(hi))
+    config.add_optimization_profile(profile)
+    return config
+
+
+def _record_engine(bundle_dir: Path, manifest: dict, slug: str, record: dict) -> None:
+    """Write the manifest with ``record`` as this GPU's engine entry."""
     # The manifest was verified on entry; a recompile replaces this GPU's engine and its checksum.
     engines = _engine_entries(manifest)
     engines[slug] = record
     manifest["tensorrt"] = {"engines": engines}
-    manifest["files"] = {**manifest.get("files", {}), filename: None}
+    manifest["files"] = {**manifest.get("files", {}), record["file"]: None}
     write_manifest(bundle_dir, manifest)
-    log(f"engine: {bundle_dir / filename} ({seconds:.1f} s)")
-    return record
