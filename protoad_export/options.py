@@ -30,7 +30,9 @@ PROTOTYPE_CHUNK = 1024
 DEFAULT_BATCH_PROFILE = (1, 8, 32)  # TensorRT optimisation profile MIN:OPT:MAX
 
 # Runtime and evaluation
-RUNTIME_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+RUNTIME_BACKENDS = ("onnxruntime", "torch", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+BASELINES = ("knn",)  # eval's reference methods beside ProtoAD
 # bench/verify backend name -> (runtime backend, precision, torch.compile)
 BACKEND_SPECS: dict[str, tuple[str, str, bool]] = {
     "torch": ("torch", "fp32", False),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import options as O
 from . import BatchProfile, handle_errors, main
 
 
@@ -72,14 +73,14 @@ def print_report(report: dict) -> None:
 @main.command("bench")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--backend", "backends", multiple=True,
-              type=click.Choice(["torch", "torch-fp16", "torch-fp16-compile", "onnxruntime", "onnxruntime-fp16", "tensorrt"]),
+              type=click.Choice(list(O.BACKEND_SPECS)),
               help="Backend to check (repeatable) [default: every one that can run here].")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Test images: an MVTec-style category or a folder [default: recorded at build time].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many test images (evenly spread).")
 @click.option("--fps", is_flag=True, help="Also measure speed (trtexec-style).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_batch_sizes)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+@click.option("--device", default=O.DEVICES[0], show_default=True, type=click.Choice(O.DEVICES),
               help="Device of the PyTorch reference and torch backends.")
 @click.option("--atol", type=click.FloatRange(min=0), default=None, help="Absolute tolerance [default: 1e-4 FP32, 2e-2 FP16].")
 @click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Relative tolerance [default: 1e-3 FP32, 5e-2 FP16].")

@@ -6,20 +6,21 @@ from pathlib import Path
 
 import click
 
+from .. import options as O
 from . import handle_errors, main
 
-BACKEND_CHOICE = click.Choice(["onnxruntime", "torch", "tensorrt"])
+BACKEND_CHOICE = click.Choice(O.RUNTIME_BACKENDS)
 
 
 @main.command("eval")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--backend", default="onnxruntime", show_default=True, type=BACKEND_CHOICE)
-@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16"]), help="Default: the backend's.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+@click.option("--precision", default=None, type=click.Choice(O.PRECISIONS), help="Default: the backend's.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(O.DEVICES[1:]),
               help="Device of the torch backend and of the kNN baseline.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--baseline", default=None, type=click.Choice(["knn"]),
+@click.option("--baseline", default=None, type=click.Choice(O.BASELINES),
               help="Also score the exact kNN memory bank (PatchCore without subsampling) on the same features.")
 @click.option("--baseline-train-images", default=None, type=click.IntRange(min=1),
               help="Bank from this many fitting images, evenly spaced by name (default: all; exact search is costly).")
@@ -78,8 +79,8 @@ def calibrate(bundle_dir, target_frr, data, backend, quiet) -> None:
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--backend", default="onnxruntime", show_default=True, type=BACKEND_CHOICE)
-@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16"]))
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+@click.option("--precision", default=None, type=click.Choice(O.PRECISIONS))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(O.DEVICES[1:]),
               help="Device of the torch backend; with onnxruntime, cuda needs a GPU execution provider (refused without one).")
 @click.option("--threshold", default=None, type=float, help="Override the manifest's threshold.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import options as O
 from . import handle_errors, main
 
 
@@ -22,9 +23,9 @@ def export_group() -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--repo", required=True, type=click.Path(path_type=Path),
               help="Triton model repository to write NAME/ into (created if missing; other models are left alone).")
-@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice([b for b in O.RUNTIME_BACKENDS if b != "torch"]),
               help="onnxruntime: the ONNX graph; tensorrt: the engine compiled by `protoad-export compile`.")
-@click.option("--precision", default=None, type=click.Choice(["fp32", "fp16"]),
+@click.option("--precision", default=None, type=click.Choice(O.PRECISIONS),
               help="ONNX graph to serve [default: fp32; the engine is always fp16].")
 @click.option("--name", default=None, help="Model name and folder [default: the bundle folder's name].")
 @handle_errors
@@ -42,7 +43,7 @@ def triton_cmd(bundle, repo, backend, precision, name) -> None:
 @click.option("--engine/--onnx", "use_engine", default=None,
               help="Name the compiled TensorRT engine, or the ONNX file for nvinfer to build from "
                    "[default: the engine when one was compiled].")
-@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16"]),
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(O.PRECISIONS),
               help="ONNX graph and network-mode with --onnx (the engine is fp16).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="nvinfer batch-size, the number of sources batched by nvstreammux [default: the batch profile's OPT].")

@@ -23,10 +23,10 @@ import numpy as np
 from . import metrics
 from ..bundle import atomic_write_json, output_folder
 from ..errors import InputError
+from ..options import BASELINES
 from ..data.datasets import TestSet, load_test_set
 from ..contract import manifest_threshold
 
-BASELINES = ("knn",)
 
 
 def _metrics_for(test: TestSet, select: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict:

@@ -21,9 +21,9 @@ from ..bundle import (
     atomic_write_bytes, commit_directory, read_manifest, sha256_file, staging_directory, verify_file,
 )
 from ..errors import ArtifactError, InputError, MissingDependencyError
+from ..options import PRECISIONS
 
 TRITON_BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
 MARKER = "protoad-export.json"  # in each model folder this tool writes; its absence protects a user's folder
 DEEPSTREAM_HEADER = "# nvinfer config written by protoad-export"
 # 1/255 as a double; nvinfer stores it as a float, which rounds it to float32(1/255). NVIDIA's samples

@@ -41,9 +41,7 @@ from torch import nn
 from .features import Normalize, PatchFeatures, l2_normalize
 from ..data.images import Preprocessing
 
-from ..options import PROTOTYPE_CHUNK
-
-PRECISIONS = ("fp32", "fp16")
+from ..options import PRECISIONS, PROTOTYPE_CHUNK
 BLUR_SIGMA = 4.0
 BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 
