@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import ArtifactError, InputError, ResourceError
 from .options import ALIGN_MODES, CHANNEL_ORDERS, INPUT_KINDS
@@ -196,11 +196,15 @@ def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
 
 
 def _bundle_entries(manifest: dict[str, Any]) -> set[str]:
-    """The names a bundle may hold: its manifest, the files it lists and the TensorRT timing cache."""
-    names = {MANIFEST_NAME, *manifest.get("files", {})}
+    """The names a bundle may hold at its top level: its manifest, the files it lists (and the
+    folders they are in, such as golden/) and the TensorRT timing caches beside the engines."""
+    names = {MANIFEST_NAME, *(str(name).split("/")[0] for name in manifest.get("files", {}))}
     tensorrt = manifest.get("tensorrt")
-    if isinstance(tensorrt, dict) and isinstance(tensorrt.get("timing_cache"), str):
-        names.add(tensorrt["timing_cache"])
+    if isinstance(tensorrt, dict):
+        caches = [tensorrt.get("timing_cache")]  # one shared cache, in bundles compiled before 2026-12-05
+        engines = tensorrt.get("engines")
+        caches += [e.get("timing_cache") for e in engines.values() if isinstance(e, dict)] if isinstance(engines, dict) else []
+        names.update(c for c in caches if isinstance(c, str))
     return names
 
 
@@ -259,15 +263,17 @@ def staging_directory(final_dir: str | os.PathLike, kind: str = "staging") -> Pa
     return path
 
 
-def commit_directory(staging: Path, final_dir: str | os.PathLike) -> None:
-    """Replace ``final_dir`` by ``staging`` with renames only.
+def commit_directory(staging: Path, final_dir: str | os.PathLike, *,
+                     check: Callable[[Path], object] | None = None) -> None:
+    """Replace ``final_dir`` by ``staging`` with renames only; ``check`` (default
+    :func:`replaceable_bundle`) refuses what may not be replaced, once more just before the swap.
 
     The old directory is first renamed aside and removed after the new one is in place, so a kill
     at any moment leaves either the old or the new complete directory under the final name (or,
     between the two renames, the old one beside it under a ``.old`` name, which a loader reports).
     """
     final_dir = Path(final_dir)
-    replaceable_bundle(final_dir)  # again at the swap: something may have been put there meanwhile
+    (check or replaceable_bundle)(final_dir)  # again at the swap: something may have been put there meanwhile
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.{os.getpid()}.old")

@@ -84,6 +84,7 @@ def test_runtime_rebuilds_an_old_manifest_with_the_old_host(small_bundle, tmp_pa
     shutil.copytree(small_bundle, old_dir)
     manifest = json.loads((old_dir / "manifest.json").read_text())
     del manifest["backbone"]["architecture"]
+    manifest["schema_version"] = 1  # what such a bundle's manifest says
     manifest["preprocessing"]["mean"], manifest["preprocessing"]["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
     (old_dir / "manifest.json").write_text(json.dumps(manifest))
     manifest = read_manifest(old_dir)

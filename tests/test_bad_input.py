@@ -452,8 +452,10 @@ def test_rebuilding_a_calibrated_engine_says_the_threshold_is_lost_and_honours_t
         first = CliRunner().invoke(main, args)
         assert first.exit_code == 0, first.output
         assert "replacing engine" not in first.output
-        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [engines / "x", *(engines / "x").iterdir()]}
-        assert modes == {"x": 0o775, **{p.name: 0o664 for p in (engines / "x").iterdir()}}
+        bundle = engines / "x"
+        modes = {str(p.relative_to(engines)): stat.S_IMODE(p.stat().st_mode) for p in [bundle, *bundle.rglob("*")]}
+        assert modes == {str(p.relative_to(engines)): 0o775 if p.is_dir() else 0o664 for p in [bundle, *bundle.rglob("*")]}
+        assert any(p.is_dir() for p in bundle.rglob("*"))  # golden/: folders follow the umask too
         t = calibrate(engines / "x", target_frr=0.01)
         second = CliRunner().invoke(main, args)
     finally:

@@ -58,13 +58,13 @@ def bundle(tmp_path_factory) -> Path:
     """A calibrated bundle built with the offline backbone on 8 synthetic parts (seconds)."""
     from protoad_export.build.pipeline import BuildConfig, build
     from protoad_export.data.images import Preprocessing
-    from protoad_export.demo import DatasetSpec, make_dataset
+    from protoad_export.data.synthetic import DatasetSpec, make_dataset
     from protoad_export.evaluation.thresholds import calibrate
 
     root = tmp_path_factory.mktemp("serving")
     data = make_dataset(root / "parts", seed=1, spec=DatasetSpec(train=8, test_good=1, test_per_defect=1, width=96, height=64))
     config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, max_prototypes=16, device="cpu", holdout=0.25,
-                         preprocessing=Preprocessing(resize=64, crop=64, mode="letterbox"))
+                         preprocessing=Preprocessing(resize=64, crop=64, mode="letterbox"), input="tensor")
     result = build(data, "tiny", root / "bundles", config, log=None, progress=False)
     calibrate(result.bundle_dir)
     return result.bundle_dir
@@ -259,7 +259,8 @@ def _frames_bundle(bundle_dir: Path, height: int = 48, width: int = 80) -> None:
     for name in ("model.fp32.onnx", "model.fp16.onnx"):
         onnx.save(model, str(bundle_dir / name))
     manifest = read_manifest(bundle_dir, verify=False)
-    manifest["input"] = {"name": "frames", "shape": ["batch", height, width, 3], "dtype": "uint8", "channels": "RGB"}
+    manifest["input"] = {"kind": "frames", "name": "frames", "shape": ["batch", height, width, 3], "dtype": "uint8",
+                         "channel_order": "rgb", "range": [0, 255]}
     manifest["outputs"] = {"anomaly_map": ["batch", 1, height, width], "score": ["batch"]}
     write_manifest(bundle_dir, manifest)
 

@@ -302,8 +302,7 @@ def write_triton_repository(
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(staging, 0o777 & ~mask)
-        _refuse_foreign(final)  # again, just before the swap: the check above was before the copy
-        commit_directory(staging, final)
+        commit_directory(staging, final, check=_refuse_foreign)  # again at the swap: the check above was before the copy
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
