@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     size = tuple(int(v) for v in args.frame.split("x"))
     cameras = [(int(s.split("x")[0]), int(s.split("x")[1].split(":")[0]), s.split(":")[1]) for s in args.camera_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="protoad-frames-") as tmp:
@@ -138,7 +139,7 @@ def main() -> None:
     report["command"] = "python benchmarks/frames_parity.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     report["machine"] = {"processor": platform.processor(), "cpu": _cpu()}
-    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report["commit"] = commit  # the code this run loaded, not what was checked out when it ended
     report["date"] = time.strftime("%Y-%m-%d")
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

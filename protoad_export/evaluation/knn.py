@@ -46,8 +46,8 @@ def nearest_similarity(queries, bank, query_block: int | None = None, bank_block
     in that kernel's dtype (saves a conversion per call).
 
     On a CPU the default tiles (1024 x 1024) keep the 4 MiB of similarities in cache between the
-    product and its row maxima, about twice the speed of 4096 x 16384 blocks (benchmarks/RESULTS.md
-    section 10). A GPU gets large blocks (kernel launches limit it there).
+    product and its row maxima, about twice the speed of 4096 x 16384 blocks
+    (benchmarks/results/knn_tiles.md). A GPU gets large blocks (kernel launches limit it there).
     """
     import torch
 

@@ -59,7 +59,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     # PyTorch key names): timm's tf_ variant has TF 'SAME' padding and BN eps 1e-3, and the inputs
     # are [-1, 1]. Hosted in timm's plain efficientnet_lite0 with ImageNet mean/std (until
     # 2026-11-27) they classify natural photos worse and detect anomalies far worse
-    # (benchmarks/RESULTS.md section 11).
+    # (benchmarks/RESULTS.md section 10).
     "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), (4, 8, 16), True, "tf_efficientnet_lite0",
                                        TF_MEAN, TF_STD),
 }
