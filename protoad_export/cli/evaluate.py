@@ -120,6 +120,6 @@ def demo(out, data, seed, crop, no_baseline, quiet) -> None:
     result = run_demo(out, data, seed, crop=crop, baseline=not no_baseline, log=click.echo, progress=not quiet)
     click.echo("")
     click.echo(f"dataset:     {result.data}")
-    click.echo(f"engine:      {result.bundle_dir}  (ONNX FP32/FP16, prototypes, manifest with threshold)")
+    click.echo(f"bundle:      {result.bundle_dir}  (ONNX FP32/FP16, prototypes, golden outputs, manifest with threshold)")
     click.echo(f"evaluation:  {result.evaluation}/evaluation.json, roc.png, histogram.png")
     click.echo(f"predictions: {result.predictions}/results.csv, heatmaps/, overlays/, masks/")
