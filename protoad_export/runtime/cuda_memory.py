@@ -149,22 +149,22 @@ class CudaMemory:
         """The stream as the integer ``execute_async_v3`` takes."""
         return int(self.stream)
 
-    def device_empty(self, shape: tuple[int, ...], dtype) -> DeviceBuffer:
+    def _allocate(self, call: str, shape: tuple[int, ...], dtype) -> tuple[int, np.dtype, int]:
+        """(pointer, dtype, bytes) of a new ``cudaMalloc`` / ``cudaMallocHost`` buffer."""
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes <= 0:
-            raise ValueError(f"empty device buffer of shape {list(shape)}")
-        ptr = int(self._call("cudaMalloc", nbytes))
-        self._device.append(ptr)
+            raise ValueError(f"empty buffer of shape {list(shape)}")
+        ptr = int(self._call(call, nbytes))
+        (self._device if call == "cudaMalloc" else self._host).append(ptr)
+        return ptr, dtype, nbytes
+
+    def device_empty(self, shape: tuple[int, ...], dtype) -> DeviceBuffer:
+        ptr, dtype, _ = self._allocate("cudaMalloc", shape, dtype)
         return DeviceBuffer(ptr, shape, dtype, self)
 
     def host_empty(self, shape: tuple[int, ...], dtype) -> HostBuffer:
-        dtype = np.dtype(dtype)
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes <= 0:
-            raise ValueError(f"empty host buffer of shape {list(shape)}")
-        ptr = int(self._call("cudaMallocHost", nbytes))
-        self._host.append(ptr)
+        ptr, dtype, nbytes = self._allocate("cudaMallocHost", shape, dtype)
         # A byte view first, then the dtype: ctypes has no float16 type (as in TensorRT's samples).
         raw = np.ctypeslib.as_array(ctypes.cast(ctypes.c_void_p(ptr), ctypes.POINTER(ctypes.c_ubyte)), (nbytes,))
         return HostBuffer(raw.view(dtype).reshape(shape), self)
