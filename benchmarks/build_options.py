@@ -417,7 +417,7 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_eve
     t_export = time.perf_counter() - t0
     graph16 = inspect_graph(onnx.load(str(files["fp16"])))
 
-    # ORT sessions: default optimisation (ORT_ENABLE_ALL, as runtime.OnnxRuntime) for both graphs, and
+    # ONNX Runtime InferenceSessions: default optimisation (ORT_ENABLE_ALL, as runtime.OnnxRuntime) for both graphs, and
     # the FP16 graph at ORT_ENABLE_EXTENDED, where the Casts ORT inserts around every FP16 op it runs in
     # float stay in the graph (so every activation is rounded to FP16 between ops).
     levels = {"fp32": ("fp32", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),

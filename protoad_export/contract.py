@@ -136,7 +136,6 @@ def output_shapes(contract: InputContract, batch: int | str = "B") -> dict[str, 
     return {"anomaly_map": (batch, 1, contract.size, contract.size), "score": (batch,)}
 
 
-
 def check_threshold(value: object, source: str, *, error: type[Exception] = InputError) -> float:
     """``value`` as a float when it is finite and positive, else ``error`` naming ``source``.
 

@@ -48,7 +48,7 @@ def small_category(tmp_path_factory, magnetic_tile) -> Path:
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory, small_category) -> Path:
     """A bundle built with the offline backbone and default options on ``small_category``'s
-    40 real training images (about a minute on 2 cores, once per session)."""
+    40 real training images (about a minute on 2 cores, built once per pytest run)."""
     from protoad_export.build.pipeline import BuildConfig, build
 
     out = tmp_path_factory.mktemp("engines")

@@ -24,7 +24,7 @@ FAKE_SLUG = "nvidia-fake-gpu-40gb"
 
 @pytest.fixture
 def bundle_copy(small_bundle, tmp_path):
-    """A private copy of the session bundle (compile rewrites its manifest)."""
+    """A private copy of the shared small_bundle fixture (compile rewrites its manifest)."""
     return shutil.copytree(small_bundle, tmp_path / "small")
 
 

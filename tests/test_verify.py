@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def bundle_copy(small_bundle, tmp_path):
-    """A private copy of the session bundle (these tests change or damage it)."""
+    """A private copy of the shared small_bundle fixture (these tests change or damage it)."""
     return shutil.copytree(small_bundle, tmp_path / "small")
 
 

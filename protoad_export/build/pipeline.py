@@ -321,7 +321,7 @@ def _cluster(extracted, config: BuildConfig, device, staging: Path, log):
     return fit, passed, len(train_features)
 
 
-def _graph_metadata(plan: _Plan, config: BuildConfig, fit) -> dict[str, str]:
+def _graph_metadata(plan: _Plan, fit) -> dict[str, str]:
     """What the ONNX files say about themselves (``metadata_props``): enough for a program that has
     only the file to feed it and place its map. The threshold is not among them: ``calibrate``
     changes the manifest only, never a graph or a compiled engine."""
@@ -341,7 +341,7 @@ def _export(plan: _Plan, config: BuildConfig, fit, staging: Path, log):
     module (the reference) and the manifest's ``onnx`` entry."""
     log(f"[3/4] ONNX: tracing the complete network, FP32 and FP16 (input: {plan.contract.describe()})")
     graphs, reference = {}, None
-    metadata = _graph_metadata(plan, config, fit)
+    metadata = _graph_metadata(plan, fit)
     for precision, filename in ONNX_FILES.items():
         # ProtoADNetwork casts its feature module in place: the FP16 graph gets its own copy.
         features = copy.deepcopy(plan.patch_features) if precision == "fp16" else plan.patch_features

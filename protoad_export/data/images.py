@@ -175,7 +175,7 @@ class Preprocessing:
 
     def image_array(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 [3, crop, crop] in [0, 1] (see :meth:`pixels_array`)."""
-        return self.pixels_array(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        return self.pixels_array(np.asarray(to_rgb(image), dtype=np.uint8))
 
     def mask_array(self, mask: Image.Image, image_size: tuple[int, int] | None = None) -> np.ndarray:
         """Mask PIL image -> bool [crop, crop] with the image's geometry (nearest neighbour, > 127).

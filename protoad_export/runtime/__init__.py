@@ -70,15 +70,15 @@ def _torch_importable() -> bool:
     return True
 
 
-def decode(path: Path, manifest: dict) -> np.ndarray:
+def decode(path: Path, contract: InputContract, prep: Preprocessing) -> np.ndarray:
     """One image file as the bundle's input for one image (see ``InputContract.from_pixels``)."""
-    pixels = np.asarray(load_image(path), dtype=np.uint8)
-    return InputContract.from_manifest(manifest).from_pixels(pixels, Preprocessing.from_manifest(manifest), path)
+    return contract.from_pixels(np.asarray(load_image(path), dtype=np.uint8), prep, path)
 
 
 def preprocess_paths(paths: Sequence[Path], manifest: dict) -> np.ndarray:
     """Decode image files into one batch of the bundle's input, exactly as the bundle was built."""
-    return np.stack([decode(p, manifest) for p in paths])
+    contract, prep = InputContract.from_manifest(manifest), Preprocessing.from_manifest(manifest)
+    return np.stack([decode(p, contract, prep) for p in paths])
 
 
 def fitting_batch(manifest: dict, batch_size: int) -> int:
@@ -119,7 +119,7 @@ def predict_paths(runtime: Runtime, paths: Sequence[Path], batch_size: int = 8, 
 
     def _decode(path):
         try:
-            return decode(path, runtime.manifest)
+            return decode(path, runtime.contract, runtime.preprocessing)
         except InputError as exc:
             if not skip_unreadable:
                 raise
