@@ -26,6 +26,9 @@ FRAMES_INPUT = "frames"
 TENSOR_INPUT = "image"
 OUTPUT_NAMES = ("anomaly_map", "score")
 DECISION_RULE = "defective if score > threshold"
+# Float inputs may leave [0, 1] by this much: the bilinear resize's weights sum to 1 only up to
+# float32 rounding, so a white pixel can come out a few ulps above 1 (or a black one below 0).
+RANGE_SLACK = 1e-5
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class InputContract:
         if self.kind == "tensor":
             # min and max propagate NaN, so two passes find NaN, inf and out-of-range values alike.
             low, high = float(array.min()), float(array.max())
-            if not (0.0 <= low and high <= 1.0):
+            if not (-RANGE_SLACK <= low and high <= 1.0 + RANGE_SLACK):
                 if not np.isfinite(array).all():
                     raise InputError("expected float32 RGB in [0, 1]: the images hold NaN or infinite values")
                 raise InputError(f"expected float32 RGB in [0, 1], got values from {low:.4g} to {high:.4g} "

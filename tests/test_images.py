@@ -199,3 +199,22 @@ def test_exif_orientation_is_applied_to_images_and_masks(tmp_path, orientation, 
     (tmp_path / "masks").mkdir()
     mask_upright, mask_tagged = _exif_pair(tmp_path / "masks", orientation, transpose, "L")
     np.testing.assert_array_equal(np.asarray(load_mask(mask_tagged)), np.asarray(load_mask(mask_upright)))
+
+
+def test_a_white_image_through_the_float_resize_passes_the_input_check():
+    """Pillow's bilinear weights sum to 1 only up to float32 rounding: a white 100x222 image comes out
+    at 1.0000002 after the letterbox resize, and eval refused every such image before the check
+    allowed ``RANGE_SLACK``. Values a visible step outside [0, 1] are still refused."""
+    import numpy as np
+
+    from protoad_export.contract import RANGE_SLACK, InputContract
+    from protoad_export.data.images import Preprocessing
+    from protoad_export.errors import InputError
+
+    prep = Preprocessing(mode="letterbox", crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    x = prep.pixels_array(np.full((222, 100, 3), 255, np.uint8))[None]
+    assert 1.0 < float(x.max()) <= 1.0 + RANGE_SLACK
+    contract = InputContract("tensor", 224)
+    assert contract.check(x).shape == (1, 3, 224, 224)
+    with pytest.raises(InputError, match="got values from"):
+        contract.check(x + np.float32(1e-3))
