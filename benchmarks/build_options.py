@@ -48,7 +48,7 @@ from protoad_export.model.features import FeatureExtractor, Normalize, PatchFeat
 from protoad_export.data.images import Preprocessing, load_batch, load_mask
 from protoad_export.data.datasets import category_test_set, training_images
 from protoad_export.model.network import ProtoADNetwork, ScoreTail, patch_grid
-from protoad_export.clustering.prototypes import DEFAULT_MAX_PROTOTYPES, fit_prototypes
+from protoad_export.clustering.prototypes import PAPER_MAX_PROTOTYPES, fit_prototypes
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PROTOAD_SHARED_DATA", REPO.parent / "shared" / "data")) / "magnetic_tile"
@@ -107,7 +107,7 @@ def stage_fit(cache: Path, cfg: str) -> None:
     t_feat = time.perf_counter() - t0
     log(f"{cfg}: {ext.array.shape} train features in {t_feat:.0f} s")
     t0 = time.perf_counter()
-    fit = fit_prototypes(ext.array, DEFAULT_MAX_PROTOTYPES, normalize=False, method="auto", log=log)
+    fit = fit_prototypes(ext.array, PAPER_MAX_PROTOTYPES, normalize=False, method="auto", log=log)
     t_fit = time.perf_counter() - t0
     raw = fit.prototypes
     norms = np.linalg.norm(raw, axis=1)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from protoad_export.evaluation.knn import CPU_TILE, nearest_similarity
+from protoad_export.clustering.neighbours import CPU_TILE, nearest_similarity
 
 
 def main() -> None:

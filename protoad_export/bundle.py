@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import ArtifactError, InputError, ResourceError
-from .options import ALIGN_MODES, CHANNEL_ORDERS, INPUT_KINDS
+from .options import ALIGN_MODES, CHANNEL_ORDERS, INPUT_KINDS, RESIZE_MODES
 
 MANIFEST_NAME = "manifest.json"
 # 1: preprocessed float input only; 2: the input's kind and channel order, the frame geometry,
@@ -388,7 +388,7 @@ _FIELDS: tuple[tuple[str, bool, str, Any], ...] = (
     ("preprocessing", True, "an object", lambda v: isinstance(v, dict)),
     ("preprocessing.resize", True, "an integer", _is_int),
     ("preprocessing.crop", True, "an integer", _is_int),
-    ("preprocessing.mode", True, "a string", lambda v: isinstance(v, str)),
+    ("preprocessing.mode", True, "one of crop, squash, letterbox", lambda v: v in RESIZE_MODES),
     ("preprocessing.mean", True, "3 finite numbers", _finite_triple),
     ("preprocessing.std", True, "3 finite positive numbers", lambda v: _finite_triple(v) and min(v) > 0),
     ("align", True, f"one of {', '.join(ALIGN_MODES)}", lambda v: v in ALIGN_MODES),

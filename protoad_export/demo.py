@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 from .data.synthetic import DatasetSpec, make_dataset
-from .errors import InputError
 
 @dataclass
 class DemoResult:
@@ -42,8 +41,7 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Dataset (synthetic unless ``data``) -> build -> calibrate -> eval (+ kNN) -> predict, all under ``out``."""
-    from .build.pipeline import BuildConfig, build, frame_size
-    from .data.datasets import training_images
+    from .build.pipeline import BuildConfig, build
     from .evaluation.evaluate import evaluate_bundle, format_table
     from .data.images import Preprocessing
     from .predict import predict
@@ -56,13 +54,8 @@ def run_demo(
         make_dataset(data, seed, spec)
     data = Path(data)
     prep = Preprocessing(resize=crop if resize_mode != "crop" else crop * 8 // 7, crop=crop, mode=resize_mode)
-    try:
-        frame_size(training_images(data))
-        input_kind = "frames"
-    except InputError:
-        input_kind = "tensor"
-        log("[demo] the training images differ in size: the bundle takes preprocessed tensors (--input tensor)")
-    config = BuildConfig(backbone="efficientnet_lite0", preprocessing=prep, batch_size=8, holdout=0.2, input=input_kind)
+    # input "auto": frames when the training images share one size, else preprocessed tensors
+    config = BuildConfig(backbone="efficientnet_lite0", preprocessing=prep, batch_size=8, holdout=0.2)
     log("[demo] build")
     built = build(data, "demo", out / "engines", config, log=lambda m: log("  " + m), progress=progress)
     threshold = calibrate(built.bundle_dir, target_frr=0.01)

@@ -6,22 +6,33 @@ validate against the same names, and a line PC's runtime imports it without PyTo
 
 from __future__ import annotations
 
+AUTO = "auto"  # an option the build decides from the training images (and records why)
+
 # Build: images -> features
 BACKBONES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0")
 DEFAULT_BACKBONE = "wide_resnet50_2"
 RANDOM_WEIGHTS = "random"
 ALIGN_MODES = ("bilinear", "nearest")  # paper: bilinear; authors' code: nearest
-RESIZE_MODES = ("crop", "squash", "letterbox")
+RESIZE_MODES = ("crop", "squash", "letterbox")  # what a bundle records
+RESIZE_CHOICES = (AUTO, *RESIZE_MODES)  # auto: data/geometry.py
+DEFAULT_RESIZE_MODE = AUTO
 DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_HOLDOUT = 0.1
 
 # Build: features -> prototypes
-DEFAULT_MAX_PROTOTYPES = 10_000  # the paper's rule: the first FINCH partition below this
+PAPER_MAX_PROTOTYPES = 10_000  # the paper's rule: the first FINCH partition below this
+# "auto": the coarsest FINCH level whose held-out quantisation error stays within AUTO_MARGIN of the
+# finest level's, among levels under AUTO_PROTOTYPE_CAP prototypes (clustering/levels.py).
+DEFAULT_MAX_PROTOTYPES: int | str = PAPER_MAX_PROTOTYPES
+AUTO_MARGIN = 0.10
+AUTO_PROTOTYPE_CAP = 200_000
 NEIGHBOUR_METHODS = ("auto", "exact", "approx")
 
 # Build: network -> ONNX
 INPUT_KINDS = ("frames", "tensor")
+INPUT_CHOICES = (AUTO, *INPUT_KINDS)  # auto: frames when the training images share one size, else tensor
+DEFAULT_INPUT = AUTO
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
 # Prototypes per 1x1 conv of the graph: a chunk's similarities (1024 x 56 x 56, 12.8 MB per image in
 # FP32) stay in cache between the conv and its max, and no [B, K, h, w] tensor of all K prototypes is

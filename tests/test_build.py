@@ -16,6 +16,7 @@ import pytest
 
 from protoad_export.bundle import read_manifest, sha256_file
 from protoad_export.build.pipeline import BuildConfig, build
+from protoad_export.data.images import Preprocessing
 from protoad_export.clustering.prototypes import near_miss
 
 REQUIRED_FILES = {"prototypes.npy", "model.fp32.onnx", "model.fp16.onnx"}
@@ -64,7 +65,7 @@ def test_no_pickles_anywhere(small_bundle):
 
 
 def _tiny_config(**kw) -> BuildConfig:
-    return BuildConfig(backbone="efficientnet_lite0", batch_size=4, input="tensor", **kw)
+    return BuildConfig(backbone="efficientnet_lite0", batch_size=4, input="tensor", preprocessing=Preprocessing(mode="crop"), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from protoad_export.errors import InputError
 from protoad_export.data.datasets import load_test_set
 from protoad_export.data.images import Preprocessing, load_mask
 from protoad_export.evaluation.evaluate import evaluate_bundle, format_table
-from protoad_export.evaluation.knn import KnnBaseline, bank_images, nearest_similarity
+from protoad_export.clustering.neighbours import nearest_similarity
+from protoad_export.evaluation.knn import KnnBaseline, bank_images
 from protoad_export.runtime import preprocess_paths
 
 

@@ -97,7 +97,8 @@ def test_infer_gives_the_decision_at_the_calibrated_threshold(frames_bundle):
 def test_mixed_image_sizes_ask_for_the_frame_size(tmp_path):
     data = make_dataset(tmp_path / "a", seed=1, spec=DatasetSpec(train=6, test_good=1, test_per_defect=1, width=64, height=48))
     Image.open(data / "train" / "good" / "000.png").resize((70, 48)).save(data / "train" / "good" / "000.png")
-    config = BuildConfig(backbone="efficientnet_lite0", preprocessing=Preprocessing(resize=64, crop=64, mode="squash"))
+    config = BuildConfig(backbone="efficientnet_lite0", preprocessing=Preprocessing(resize=64, crop=64, mode="squash"),
+                         input="frames")
     with pytest.raises(InputError, match=r"2 different sizes \(64x48 \(5\), 70x48 \(1\)\): pass the camera frame's size "
                                          r"\(--input-size WxH\) or --input tensor"):
         build(data, "x", tmp_path / "out", config, log=None, progress=False)

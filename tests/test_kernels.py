@@ -12,7 +12,7 @@ import torch
 
 from protoad_export.clustering import finch as finch_module, ivf, kernels
 from protoad_export.errors import InputError
-from protoad_export.evaluation.knn import nearest_similarity
+from protoad_export.clustering.neighbours import nearest_similarity
 from protoad_export.clustering.neighbours import exact_first_neighbours
 from tests.test_finch import clustered
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from protoad_export.build.pipeline import BuildConfig
+from protoad_export.data.images import Preprocessing
 from protoad_export.errors import InputError
 from protoad_export.clustering.prototypes import near_miss, sample_rows
 
@@ -116,7 +117,7 @@ def test_build_clusters_the_sample_only(tmp_path, small_category):
     from protoad_export.build.pipeline import build
 
     config = BuildConfig(backbone="efficientnet_lite0", max_prototypes=500, max_train_patches=4000, batch_size=8,
-                         input="tensor")
+                         input="tensor", preprocessing=Preprocessing(mode="crop"))
     result = build(small_category, "sampled", tmp_path, config, log=None, progress=False)
     train = result.manifest["train"]
     assert train["patches_clustered"] == 4000 and train["max_train_patches"] == 4000

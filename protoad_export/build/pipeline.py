@@ -32,16 +32,18 @@ from ..errors import InputError
 from ..model.features import FeatureExtractor, PatchFeatures, extract_features, resolve_device
 from ..clustering.finch import searches_on_cpu
 from ..clustering.kernels import forced_kernel
+from ..data.geometry import choose_geometry
 from ..data.images import Preprocessing, image_size
 from ..data.datasets import is_mvtec_category, training_images
 from ..model.network import ProtoADNetwork, patch_grid
 from ..contract import DECISION_RULE, InputContract, output_shapes
 from ..export.onnx import inspect_graph, export_onnx
+from ..clustering.levels import format_table, sample_patches
 from ..clustering.prototypes import fit_prototypes, near_miss, sample_rows
 from ..model.frames import FrameInput, FrameNetwork
-from ..options import (ALIGN_MODES, CHANNEL_ORDERS, DEFAULT_BACKBONE, DEFAULT_BATCH_PROFILE, DEFAULT_HOLDOUT,
-                       DEFAULT_MAX_PROTOTYPES, DEVICES, INPUT_KINDS, NEIGHBOUR_METHODS, PROTOTYPE_CHUNK,
-                       similarity_batch)
+from ..options import (ALIGN_MODES, AUTO, AUTO_MARGIN, AUTO_PROTOTYPE_CAP, CHANNEL_ORDERS, DEFAULT_BACKBONE,
+                       DEFAULT_BATCH_PROFILE, DEFAULT_HOLDOUT, DEFAULT_INPUT, DEFAULT_MAX_PROTOTYPES, DEVICES, INPUT_CHOICES,
+                       NEIGHBOUR_METHODS, PAPER_MAX_PROTOTYPES, PROTOTYPE_CHUNK, similarity_batch)
 from .golden import write_golden
 from .resources import check_build_resources, engine_file_bytes
 from .holdout import empty_holdout_reason, score_holdout, split_holdout
@@ -81,7 +83,8 @@ class BuildConfig:
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
-    max_prototypes: int = DEFAULT_MAX_PROTOTYPES
+    max_prototypes: int | str = DEFAULT_MAX_PROTOTYPES  # an int: the paper's rule; "auto": clustering/levels.py
+    prototype_cap: int = AUTO_PROTOTYPE_CAP  # "auto" keeps levels under this many prototypes
     align: str = ALIGN_MODES[0]
     normalize_prototypes: bool = True  # measured better on every metric (benchmarks/RESULTS.md)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -92,7 +95,9 @@ class BuildConfig:
     max_train_patches: int | None = None  # off: cluster every patch; else a seeded uniform sample
     holdout: float = DEFAULT_HOLDOUT  # share of normal images kept back for threshold calibration
     prototype_chunk: int = PROTOTYPE_CHUNK  # prototypes per conv of the graph (network.py)
-    input: str = INPUT_KINDS[0]  # "frames": uint8 camera frames, preprocessing in the graph; "tensor"
+    # "frames": uint8 camera frames, preprocessing in the graph; "tensor": a float tensor; "auto": frames
+    # when the training images share one size (a camera's), else tensor (a folder of crops)
+    input: str = DEFAULT_INPUT
     input_size: tuple[int, int] | None = None  # (width, height) of the frames; None: the images' own
     channel_order: str = CHANNEL_ORDERS[0]
 
@@ -100,8 +105,11 @@ class BuildConfig:
         get_spec(self.backbone)
         if self.align not in ALIGN_MODES:
             raise InputError(f"unknown align mode {self.align!r}: choose one of {', '.join(ALIGN_MODES)}")
-        if not isinstance(self.max_prototypes, int) or self.max_prototypes < 2:
-            raise InputError(f"max prototypes must be an integer >= 2, got {self.max_prototypes!r}")
+        if self.max_prototypes != AUTO and (isinstance(self.max_prototypes, bool) or not isinstance(self.max_prototypes, int)
+                                            or self.max_prototypes < 2):
+            raise InputError(f"max prototypes must be '{AUTO}' or an integer >= 2, got {self.max_prototypes!r}")
+        if isinstance(self.prototype_cap, bool) or not isinstance(self.prototype_cap, int) or self.prototype_cap < 2:
+            raise InputError(f"prototype cap must be an integer >= 2, got {self.prototype_cap!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if self.neighbours not in NEIGHBOUR_METHODS:
@@ -109,7 +117,7 @@ class BuildConfig:
         forced_kernel()  # a bad PROTOAD_PRODUCT_KERNEL stops the build before any work
         if self.max_train_patches is not None and (
             isinstance(self.max_train_patches, bool) or not isinstance(self.max_train_patches, int)
-            or self.max_train_patches < self.max_prototypes
+            or self.max_train_patches < (2 if self.max_prototypes == AUTO else self.max_prototypes)
         ):
             raise InputError(
                 f"max train patches must be an integer >= max prototypes ({self.max_prototypes}), got {self.max_train_patches!r}"
@@ -123,15 +131,21 @@ class BuildConfig:
             raise InputError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
         if self.device not in DEVICES:
             raise InputError(f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)}")
-        if self.input not in INPUT_KINDS:
-            raise InputError(f"unknown input {self.input!r}: choose one of {', '.join(INPUT_KINDS)}")
+        if self.input not in INPUT_CHOICES:
+            raise InputError(f"unknown input {self.input!r}: choose one of {', '.join(INPUT_CHOICES)}")
         if self.channel_order not in CHANNEL_ORDERS:
             raise InputError(f"unknown channel order {self.channel_order!r}: choose one of {', '.join(CHANNEL_ORDERS)}")
         if self.input_size is not None:
-            if self.input != "frames":
+            if self.input == "tensor":
                 raise InputError("input_size is the camera frame's size: it needs input 'frames'")
             if len(self.input_size) != 2 or not all(isinstance(v, int) and 1 <= v <= 30_000 for v in self.input_size):
                 raise InputError(f"input size must be (width, height) in pixels, got {self.input_size!r}")
+
+
+    @property
+    def prototype_limit(self) -> int:
+        """The most prototypes this build can keep: ``max_prototypes``, or the cap under ``auto``."""
+        return self.prototype_cap if self.max_prototypes == AUTO else self.max_prototypes
 
 
 @dataclass
@@ -160,10 +174,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _sample_sizes(paths: list[Path]) -> list[tuple[int, int]]:
-    """(width, height) of about 50 evenly spread images, from their headers."""
+def _image_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(width, height) of every readable image, from its header (no pixel is decoded)."""
     sizes = []
-    for path in paths[:: max(1, len(paths) // 50)]:
+    for path in paths:
         try:
             sizes.append(image_size(path))
         except InputError:
@@ -212,19 +226,28 @@ def _check_finite(values: np.ndarray, stage: str, remedy: str) -> None:
         raise InputError(f"{stage}: {bad:,} of {np.size(values):,} values are NaN or infinite ({remedy}); nothing was written")
 
 
-def frame_size(paths: list[Path]) -> tuple[int, int]:
+def frame_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
     """The one (width, height) every training image has; InputError listing the sizes otherwise."""
-    sizes = Counter()
-    for path in paths:
-        try:
-            sizes[image_size(path)] += 1
-        except InputError:
-            continue  # reported with the other unreadable files during feature extraction
-    if len(sizes) == 1:
-        return next(iter(sizes))
-    seen = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(3))
-    raise InputError(f"the training images have {len(sizes)} different sizes ({seen}{', ...' if len(sizes) > 3 else ''}): "
+    counts = Counter(sizes)
+    if len(counts) == 1:
+        return next(iter(counts))
+    seen = ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts.most_common(3))
+    raise InputError(f"the training images have {len(counts)} different sizes ({seen}{', ...' if len(counts) > 3 else ''}): "
                      "pass the camera frame's size (--input-size WxH) or --input tensor")
+
+
+def _input_contract(config: BuildConfig, prep: Preprocessing, sizes: list[tuple[int, int]], log) -> InputContract:
+    """The graph's input: ``config.input``, with ``auto`` resolved (frames for one camera size)."""
+    kind = config.input
+    if kind == "auto":
+        kind = "frames" if config.input_size or len(set(sizes)) == 1 else "tensor"
+        if kind == "tensor":
+            log(f"input: the training images come in {len(set(sizes))} sizes (not one camera's frames): a float "
+                "tensor input, preprocessed by the runtime; --input-size WxH makes a frames graph for one camera")
+    if kind == "frames":
+        width, height = config.input_size or frame_size(sizes)
+        return InputContract("frames", prep.crop, width, height, config.channel_order)
+    return InputContract("tensor", prep.crop)
 
 
 @dataclass
@@ -255,13 +278,11 @@ def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[
     if no_holdout and config.holdout > 0:
         log(f"warning: no hold-out kept: {no_holdout}; calibrate will need --data, or predict a --threshold")
     device = resolve_device(config.device)
-    prep = get_spec(config.backbone).preprocessing(config.preprocessing)
-    if config.input == "frames":
-        width, height = config.input_size or frame_size(paths + held_out)
-        contract = InputContract("frames", prep.crop, width, height, config.channel_order)
-    else:
-        contract = InputContract("tensor", prep.crop)
-    sizes = _sample_sizes(paths)
+    sizes = _image_sizes(paths + held_out)
+    prep, geometry = choose_geometry(get_spec(config.backbone).preprocessing(config.preprocessing), sizes)
+    if "reason" in geometry:
+        log(f"geometry: {geometry['reason']}")
+    contract = _input_contract(config, prep, sizes, log)
     if prep.mode == "crop":
         _warn_if_cropping_parts(sizes, prep, log)
     _warn_if_upscaling(sizes, prep, log)
@@ -271,9 +292,9 @@ def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[
     n_features = len(paths) * grid * grid
     n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
     engine_bytes = engine_file_bytes(sum(p.numel() for p in backbone.module.parameters()),
-                                     min(n_clustered, config.max_prototypes), dim)
+                                     min(n_clustered, config.prototype_limit), dim)
     check_build_resources(n_features, n_clustered, dim, out, searches_on_cpu(n_clustered, dim, config.neighbours, device),
-                          config.max_prototypes, engine_bytes=engine_bytes)
+                          config.prototype_limit, engine_bytes=engine_bytes)
     return _Plan(paths, held_out, found, no_holdout, device, prep, contract, backbone,
                  PatchFeatures(backbone.module, config.align, grid), grid)
 
@@ -298,27 +319,71 @@ def _extract(plan: _Plan, config: BuildConfig, workdir: Path, log, progress: boo
     return extracted
 
 
-def _cluster(extracted, config: BuildConfig, device, staging: Path, log):
-    """[2/4] FINCH on the features (or a seeded sample of them); the prototypes into the staging folder."""
+def _inside_patches(prep: Preprocessing, path: Path, grid: tuple[int, int]) -> np.ndarray:
+    """bool [h * w]: the feature grid's cells whose centre lies on the image (not on letterbox padding)."""
+    valid = prep.valid_mask(*image_size(path))
+    rows = ((np.arange(grid[0]) + 0.5) * valid.shape[0] / grid[0]).astype(int)
+    cols = ((np.arange(grid[1]) + 0.5) * valid.shape[1] / grid[1]).astype(int)
+    return valid[np.ix_(rows, cols)].ravel()
+
+
+def _holdout_patches(plan: _Plan, config: BuildConfig, workdir: Path, log, progress: bool) -> np.ndarray | None:
+    """A seeded sample of the held-out images' unit patch features on the image itself (what
+    ``auto`` measures the FINCH levels on), or None without a readable hold-out."""
+    if not plan.held_out:
+        return None
+    extracted = extract_features(
+        FeatureExtractor(plan.patch_features, plan.prep), plan.held_out, plan.prep, workdir / "holdout_features.npy",
+        batch_size=config.batch_size, device=plan.device, progress=progress, desc="hold-out features",
+    )
+    if not extracted.used:
+        return None
+    inside = np.concatenate([_inside_patches(plan.prep, path, extracted.grid) for path in extracted.used])
+    patches = sample_patches(extracted.array[np.flatnonzero(inside)])
+    log(f"      {len(patches):,} patches of {len(extracted.used)} held-out images to choose the FINCH level on")
+    return patches
+
+
+def _cluster(extracted, plan: _Plan, config: BuildConfig, staging: Path, workdir: Path, log, progress: bool):
+    """[2/4] FINCH on the features (or a seeded sample of them); the prototypes into the staging folder.
+    Returns the fit, the near miss passed over, the rows clustered and the manifest's ``selection``."""
     train_features = extracted.array
     rows = sample_rows(len(train_features), config.max_train_patches)
     if rows is not None:
         train_features = train_features[rows]  # reads only the sampled rows
         log(f"      --max-train-patches: a seeded uniform sample of {len(rows):,} patches")
-    log(f"[2/4] FINCH: stop below {config.max_prototypes:,} clusters")
-    fit = fit_prototypes(train_features, config.max_prototypes, config.normalize_prototypes, config.neighbours,
-                         device, log=lambda m: log("      " + m))
+    rule, holdout_patches = config.max_prototypes, None
+    if rule == AUTO:
+        holdout_patches = _holdout_patches(plan, config, workdir, log, progress)
+        if holdout_patches is None:
+            rule = PAPER_MAX_PROTOTYPES
+            why = plan.no_holdout or "every held-out image is unreadable"
+            log(f"warning: no held-out images to choose the FINCH level on ({why}): the paper's rule is used instead "
+                f"(the first partition under {rule:,} clusters)")
+    log("[2/4] FINCH: " + ("the whole hierarchy, then the level chosen on the hold-out" if rule == AUTO
+                            else f"stop below {rule:,} clusters"))
+    fit = fit_prototypes(train_features, rule, config.normalize_prototypes, config.neighbours, plan.device,
+                         log=lambda m: log("      " + m), holdout_patches=holdout_patches,
+                         grid=tuple(extracted.grid), cap=config.prototype_cap)
     _check_finite(fit.prototypes, "[2/4] prototypes", "the features they were fitted on are broken")
     with atomic_path(staging / PROTOTYPES_FILE) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, fit.prototypes, allow_pickle=False)
+    selection = {"rule": "first partition under max_prototypes" if rule != AUTO else AUTO, "max_prototypes": rule}
+    if fit.levels is not None:
+        log(f"      FINCH levels (distance: mean 1 - cos of held-out patches; excess over level 0; kept: the coarsest "
+            f"within {AUTO_MARGIN:.0%} under {config.prototype_cap:,} prototypes):")
+        for line in format_table(fit.levels):
+            log("        " + line)
+        selection.update(margin=AUTO_MARGIN, cap=config.prototype_cap, holdout_patches=int(len(holdout_patches)),
+                         levels=[level.to_dict() for level in fit.levels])
     log(f"      {len(fit.prototypes):,} prototypes")
-    passed = near_miss(fit.finch.partition_sizes, config.max_prototypes)
+    passed = near_miss(fit.finch.partition_sizes, rule) if rule != AUTO else None
     if passed is not None:
         log(f"warning: FINCH passed over a partition of {passed:,} clusters, just above --max-prototypes "
-            f"{config.max_prototypes:,}, for {len(fit.prototypes):,}; fewer prototypes usually score lower "
+            f"{rule:,}, for {len(fit.prototypes):,}; fewer prototypes usually score lower "
             f"(--max-prototypes {passed + 1} keeps the {passed:,})")
-    return fit, passed, len(train_features)
+    return fit, passed, len(train_features), selection
 
 
 def _graph_metadata(plan: _Plan, fit) -> dict[str, str]:
@@ -433,7 +498,7 @@ def build(
             extracted = _extract(plan, config, workdir, log, progress)
             timings["features"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            fit, passed, clustered = _cluster(extracted, config, plan.device, staging, log)
+            fit, passed, clustered, selection = _cluster(extracted, plan, config, staging, workdir, log, progress)
             timings["clustering"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             network, graphs = _export(plan, config, fit, staging, log)
@@ -450,6 +515,7 @@ def build(
             timings["holdout"] = time.perf_counter() - t0
             log("[4/4] manifest")
             manifest = _manifest(data, plan, config, extracted, fit, passed, clustered, graphs, holdout, timings)
+            manifest["prototypes"]["selection"] = selection
             # Golden outputs for `verify` on the target: PyTorch FP32 on hold-out images and synthetic defects.
             manifest["golden"] = write_golden(network, plan.contract, plan.prep, staging, holdout=plan.held_out,
                                               fitting=extracted.used)

@@ -23,23 +23,47 @@ def _frame_size(ctx, param, value):
     return width, height
 
 
+class PrototypeRule(click.ParamType):
+    """``auto`` or an integer >= 2."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == O.AUTO:
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"expected '{O.AUTO}' or an integer >= 2, got {value!r}", param, ctx)
+        if number < 2:
+            self.fail(f"expected '{O.AUTO}' or an integer >= 2, got {value!r}", param, ctx)
+        return number
+
+
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--name", required=True, help="Bundle name (a folder created under --out).")
 @click.option("--out", default="engines", show_default=True, type=click.Path(path_type=Path))
 @click.option("--backbone", default=O.DEFAULT_BACKBONE, show_default=True, type=click.Choice(O.BACKBONES))
 @click.option("--weights", default=None, help=f"Weights file (state dict), or '{O.RANDOM_WEIGHTS}' for timing runs.")
-@click.option("--max-prototypes", default=O.DEFAULT_MAX_PROTOTYPES, show_default=True, type=click.IntRange(min=2),
-              help="FINCH stops at the first partition with fewer clusters.")
+@click.option("--max-prototypes", default=O.DEFAULT_MAX_PROTOTYPES, show_default=True, type=PrototypeRule(),
+              help="N: FINCH's first partition with fewer clusters (the paper's rule, N=10000). auto: the coarsest "
+                   "level whose held-out normal patches stay within "
+                   f"{O.AUTO_MARGIN:.0%} of the finest level's distance.")
+@click.option("--prototype-cap", default=O.AUTO_PROTOTYPE_CAP, show_default=True, type=click.IntRange(min=2),
+              help="With --max-prototypes auto: keep no level with this many prototypes or more (the speed budget).")
 @click.option("--align", default=O.ALIGN_MODES[0], show_default=True, type=click.Choice(O.ALIGN_MODES),
               help="How stages 2-3 are resized to the stage-1 grid (paper: bilinear; authors' code: nearest).")
 @click.option("--normalize-prototypes/--raw-prototypes", default=True, show_default=True,
               help="Re-normalise cluster means (true cosine) or keep raw means (authors' code).")
-@click.option("--resize-mode", default=O.RESIZE_MODES[0], show_default=True, type=click.Choice(O.RESIZE_MODES))
+@click.option("--resize-mode", default=O.DEFAULT_RESIZE_MODE, show_default=True, type=click.Choice(O.RESIZE_CHOICES),
+              help="auto: chosen from the training images' sizes (whole part, aspect ratio kept; the authors' crop "
+                   "for square frames); the build prints and records the choice.")
 @click.option("--resize", default=O.DEFAULT_RESIZE, show_default=True, type=click.IntRange(min=32))
 @click.option("--crop", default=O.DEFAULT_CROP, show_default=True, type=click.IntRange(min=32))
-@click.option("--input", "input_kind", default=O.INPUT_KINDS[0], show_default=True, type=click.Choice(O.INPUT_KINDS),
-              help="Graph input: uint8 camera frames (preprocessing inside the graph) or a preprocessed float tensor.")
+@click.option("--input", "input_kind", default=O.DEFAULT_INPUT, show_default=True, type=click.Choice(O.INPUT_CHOICES),
+              help="Graph input: uint8 camera frames (preprocessing inside the graph) or a preprocessed float tensor; "
+                   "auto: frames when the training images share one size.")
 @click.option("--input-size", default=None, metavar="WxH", callback=_frame_size,
               help="Camera frame size for --input frames [default: the training images' size when they share one].")
 @click.option("--channel-order", default=O.CHANNEL_ORDERS[0], show_default=True, type=click.Choice(O.CHANNEL_ORDERS),
@@ -60,7 +84,7 @@ def _frame_size(ctx, param, value):
               help="Prototypes per 1x1 conv of the graph; the chunks' maxima are combined by Max (same scores).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def build(data, name, out, backbone, weights, max_prototypes, align, normalize_prototypes, resize_mode,
+def build(data, name, out, backbone, weights, max_prototypes, prototype_cap, align, normalize_prototypes, resize_mode,
           resize, crop, input_kind, input_size, channel_order, device, batch_profile, batch_size, neighbours, holdout,
           max_train_patches, prototype_chunk, quiet) -> None:
     """Fit prototypes on the normal images in DATA and export the complete network.
@@ -71,7 +95,7 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
     from ..data.images import Preprocessing
 
     config = BuildConfig(
-        backbone=backbone, weights=weights, max_prototypes=max_prototypes, align=align,
+        backbone=backbone, weights=weights, max_prototypes=max_prototypes, prototype_cap=prototype_cap, align=align,
         normalize_prototypes=normalize_prototypes,
         preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode),
         device=device, batch_profile=batch_profile, batch_size=batch_size, neighbours=neighbours,

@@ -119,7 +119,8 @@ class FinchResult:
     labels: np.ndarray
     means: np.ndarray
     partition_sizes: list[int]
-    levels: list[np.ndarray] = field(default_factory=list)
+    levels: list[np.ndarray] = field(default_factory=list)  # labels per level (``keep_levels``)
+    level_means: list[np.ndarray] = field(default_factory=list)  # cluster means per level (``keep_levels``)
     first_neighbours: np.ndarray | None = None  # level 0, kept to measure recall
     neighbour_methods: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -158,7 +159,8 @@ def finch(
     labels, count = _components(nn_idx)
     counts = np.bincount(labels, minlength=count).astype(np.float64)
     means = cluster_means(data, labels, count)
-    result = FinchResult(labels, means, [count], [labels] if keep_levels else [], nn_idx, [how], [time.perf_counter() - t0])
+    result = FinchResult(labels, means, [count], [labels] if keep_levels else [], [means] if keep_levels else [],
+                         nn_idx, [how], [time.perf_counter() - t0])
     _record_kernel(result, how, data.shape[1], device, kernel)
     if log:
         log(f"FINCH level 0: {count:,} clusters ({how} neighbours, {result.seconds[-1]:.1f} s)")
@@ -182,6 +184,7 @@ def finch(
         _record_kernel(result, how, data.shape[1], device, kernel)
         if keep_levels:
             result.levels.append(labels)
+            result.level_means.append(means)
         if log:
             log(f"FINCH level {len(result.partition_sizes) - 1}: {count:,} clusters ({how} neighbours, {result.seconds[-1]:.1f} s)")
     return result

@@ -228,3 +228,42 @@ def rescore_candidates(approx: torch.Tensor, q: torch.Tensor, tile: torch.Tensor
     exact = torch.full_like(approx, -torch.inf)
     exact[i, j] = torch.einsum("kc,kc->k", q[i], tile[j])
     return exact
+
+
+CPU_TILE = 1024  # query rows and bank rows per tile of nearest_similarity on a CPU
+
+
+def nearest_similarity(queries, bank, query_block: int | None = None, bank_block: int | None = None, *,
+                       kernel: str | None = None, bank_low=None):
+    """Max cosine of each unit query row [Q, C] to the unit ``bank`` rows [M, C] (torch tensors, same
+    device), exactly, in blocks of at most query_block x bank_block similarities.
+
+    On a CPU the products run in the fastest dense kernel measured (``kernels.choose``, or
+    ``kernel``); a low-precision one's candidates within its error bound are re-scored in FP32
+    (``neighbours.rescore_candidates``), so the result is FP32's. ``bank_low``: the bank already
+    in that kernel's dtype (saves a conversion per call).
+
+    On a CPU the default tiles (1024 x 1024) keep the 4 MiB of similarities in cache between the
+    product and its row maxima, about twice the speed of 4096 x 16384 blocks
+    (benchmarks/results/knn_tiles.md). A GPU gets large blocks (kernel launches limit it there).
+    """
+    cpu = queries.device.type == "cpu"
+    query_block = query_block or (CPU_TILE if cpu else 4096)
+    bank_block = bank_block or (CPU_TILE if cpu else 16384)
+    kern = kernels.choose(bank.shape[1], family="dense", force=kernel).name if cpu else "fp32"
+    if kern != "fp32":
+        dtype = kernels.dense_dtype(kern)
+        bank_low = bank.to(dtype) if bank_low is None or bank_low.dtype != dtype else bank_low
+        err = kernels.dense_error(kern, bank.shape[1])
+    best = torch.full((len(queries),), -torch.inf, device=queries.device)
+    for q in range(0, len(queries), query_block):
+        rows = queries[q : q + query_block]
+        rows_low = rows.to(bank_low.dtype) if kern != "fp32" else None
+        for b in range(0, len(bank), bank_block):
+            if kern == "fp32":
+                sim = (rows @ bank[b : b + bank_block].T).amax(dim=1)
+            else:
+                approx = (rows_low @ bank_low[b : b + bank_block].T).float()
+                sim = rescore_candidates(approx, rows, bank[b : b + bank_block], best[q : q + query_block], err).amax(dim=1)
+            best[q : q + query_block] = torch.maximum(best[q : q + query_block], sim)
+    return best

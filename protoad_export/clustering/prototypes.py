@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..options import DEFAULT_MAX_PROTOTYPES
+from ..options import AUTO, AUTO_MARGIN, AUTO_PROTOTYPE_CAP, PAPER_MAX_PROTOTYPES
 from .finch import FinchResult, finch
+from .levels import Level, chosen_level, level_table, unit_prototypes
 
 # A partition this close above the limit is a near miss worth a warning: FINCH's next level is
 # typically 4-5x smaller, and fewer prototypes score worse on varied parts (RESULTS.md 6).
@@ -23,31 +24,50 @@ class PrototypeFit:
     prototypes: np.ndarray  # float32 [K, C]
     finch: FinchResult
     normalized: bool
+    levels: list[Level] | None = None  # the level table of max_prototypes="auto"
 
 
 def fit_prototypes(
     features: np.ndarray,
-    max_prototypes: int = DEFAULT_MAX_PROTOTYPES,
+    max_prototypes: int | str = PAPER_MAX_PROTOTYPES,
     normalize: bool = False,
     method: str = "auto",
     device: torch.device | str = "cpu",
     log=None,
+    *,
+    holdout_patches: np.ndarray | None = None,
+    grid: tuple[int, int] = (1, 1),
+    cap: int = AUTO_PROTOTYPE_CAP,
+    margin: float = AUTO_MARGIN,
 ) -> PrototypeFit:
-    """FINCH on ``features`` [N, C] until a partition has fewer than ``max_prototypes`` clusters.
+    """FINCH on ``features`` [N, C] until a partition has fewer than ``max_prototypes`` clusters, or,
+    with ``max_prototypes="auto"``, the level ``clustering.levels.level_table`` keeps: the coarsest
+    under ``cap`` prototypes whose quantisation error on ``holdout_patches`` (unit rows [P, C] of
+    held-out normal images) is within ``margin`` of the finest level's; ``grid`` (h, w) only sizes
+    the table's FLOP column.
 
     ``normalize=False`` keeps the raw cluster means, as the authors' code does: a mean of unit
     vectors is shorter than 1, so its dot product with a test feature is a cosine scaled by the
     cluster's tightness. ``normalize=True`` re-normalises them (true cosine similarity).
     """
-    if not isinstance(max_prototypes, (int, np.integer)) or max_prototypes < 2:
-        raise InputError(f"--max-prototypes must be an integer >= 2, got {max_prototypes!r}")
+    auto = max_prototypes == AUTO
+    if not auto and (isinstance(max_prototypes, bool) or not isinstance(max_prototypes, (int, np.integer))
+                     or max_prototypes < 2):
+        raise InputError(f"max prototypes must be '{AUTO}' or an integer >= 2, got {max_prototypes!r}")
     if len(features) < 2:
         raise InputError("need at least two patch features to cluster")
-    result = finch(features, stop_below=int(max_prototypes), method=method, device=device, log=log)
-    protos = result.means.astype(np.float32)
-    if normalize:
-        protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
-    return PrototypeFit(np.ascontiguousarray(protos), result, normalize)
+    if not auto:
+        result = finch(features, stop_below=int(max_prototypes), method=method, device=device, log=log)
+        return PrototypeFit(unit_prototypes(result.means, normalize), result, normalize)
+    if holdout_patches is None or len(holdout_patches) == 0:
+        raise InputError(f"max prototypes '{AUTO}' measures the FINCH levels on held-out normal patches: none were given")
+    # The whole hierarchy (its coarse levels cost little): the table needs every level under the cap.
+    result = finch(features, stop_below=None, method=method, device=device, keep_levels=True, log=log)
+    rows = level_table(result.level_means, holdout_patches, normalize=normalize, grid=grid, cap=cap, margin=margin)
+    kept = chosen_level(rows).level
+    result.labels, result.means = result.levels[kept], result.level_means[kept]
+    result.levels, result.level_means = [], []  # the means of level 0 alone can be 1 GB
+    return PrototypeFit(unit_prototypes(result.means, normalize), result, normalize, rows)
 
 
 def near_miss(partition_sizes: list[int], max_prototypes: int) -> int | None:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
-from ..options import DEFAULT_CROP, DEFAULT_RESIZE, RESIZE_MODES
+from ..options import AUTO, DEFAULT_CROP, DEFAULT_RESIZE, RESIZE_CHOICES
 from .resample import AxisResample, axis_resample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -35,7 +35,8 @@ class Preprocessing:
 
     ``mode``: ``crop`` resizes the shorter side to ``resize`` and centre-crops ``crop`` (authors'
     code); ``squash`` resizes to ``crop`` x ``crop`` ignoring the aspect ratio; ``letterbox`` fits the
-    longer side to ``crop`` and pads the rest with black.
+    longer side to ``crop`` and pads the rest with black; ``auto`` is chosen by the build from the
+    training images (``data.geometry``) and never reaches a bundle.
     ``mean``/``std``: the input normalisation; ``None`` means the backbone's own (the one its
     weights were trained with), filled in by ``BackboneSpec.preprocessing`` before a network is made.
     """
@@ -47,8 +48,8 @@ class Preprocessing:
     std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in RESIZE_MODES:
-            raise InputError(f"unknown resize mode {self.mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if self.mode not in RESIZE_CHOICES:
+            raise InputError(f"unknown resize mode {self.mode!r}: choose one of {', '.join(RESIZE_CHOICES)}")
         if not (isinstance(self.crop, int) and 32 <= self.crop <= 4096):
             raise InputError(f"crop size must be an integer in 32..4096, got {self.crop!r}")
         if self.crop % 16:
@@ -79,6 +80,8 @@ class Preprocessing:
 
     def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
         """(resized size, crop box in the resized image, paste offset in the output) for an input size."""
+        if self.mode == AUTO:
+            raise ValueError("resize mode 'auto' is resolved by the build (data.geometry.choose_geometry) first")
         out = self.crop
         if self.mode == "squash":
             return (out, out), (0, 0, out, out), (0, 0)

@@ -1,0 +1,110 @@
+"""``max_prototypes="auto"``: the FINCH level chosen on held-out normal patches (clustering/levels.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protoad_export.clustering.levels import chosen_level, conv_gflops, format_table, level_table
+from protoad_export.clustering.prototypes import fit_prototypes
+from protoad_export.errors import InputError
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _groups(rng, groups: int, dim: int) -> np.ndarray:
+    """Well separated directions: the 'kinds of normal patch' a part has."""
+    return _unit(rng.standard_normal((groups, dim)))
+
+
+def _draw(rng, centres: np.ndarray, n: int, spread: float) -> np.ndarray:
+    return _unit(centres[rng.integers(len(centres), size=n)] + spread * rng.standard_normal((n, centres.shape[1])))
+
+
+def test_keeps_the_level_that_still_separates_the_kinds_of_normal_patch():
+    # Level 0: 4 sub-prototypes per kind; level 1: one per kind (the right answer: merging sub-
+    # prototypes costs little on unseen patches); level 2: pairs of kinds merged (a normal patch of
+    # either kind is now far from every prototype).
+    rng = np.random.default_rng(0)
+    kinds = _groups(rng, 20, 32)
+    fine = _unit(np.repeat(kinds, 4, axis=0) + 0.02 * rng.standard_normal((80, 32)))
+    merged = _unit(kinds[0::2] + kinds[1::2])
+    holdout = _draw(rng, fine, 4000, 0.1)  # unseen patches around the finest prototypes
+    rows = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=1000, margin=0.10)
+    assert [r.prototypes for r in rows] == [80, 20, 10]
+    assert rows[0].excess == 0.0
+    assert 0 < rows[1].excess <= 0.10 < rows[2].excess
+    assert chosen_level(rows).level == 1
+    assert rows[1].conv_gflops == pytest.approx(conv_gflops(20, 32, (8, 8)), abs=1e-3)
+    assert sum(r.chosen for r in rows) == 1
+    assert any("<- kept" in line and line.split()[1] == "20" for line in format_table(rows))
+
+    # The cap is a hard speed budget: with level 1 at the cap, no qualifying level is left and the
+    # finest under the cap is kept.
+    capped = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=20, margin=0.10)
+    assert chosen_level(capped).level == 2
+    assert not capped[1].under_cap and capped[0].excess == 0.0  # level 0 is still the reference
+
+    # A wider margin takes the coarser level, a zero margin the finest.
+    assert chosen_level(level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), margin=10.0)).level == 2
+    assert chosen_level(level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), margin=0.0)).level == 0
+
+
+def test_auto_on_finch_stops_before_merging_distinct_kinds():
+    rng = np.random.default_rng(1)
+    kinds = _groups(rng, 24, 24)
+    train = _draw(rng, kinds, 6000, 0.05)
+    holdout = _draw(rng, kinds, 2000, 0.05)
+    fit = fit_prototypes(train, "auto", normalize=True, method="exact", holdout_patches=holdout, grid=(4, 4))
+    kept = chosen_level(fit.levels)
+    sizes = [r.prototypes for r in fit.levels]
+    assert sizes == fit.finch.partition_sizes
+    assert len(fit.prototypes) == kept.prototypes
+    # Every kind keeps a prototype of its own; the next coarser level (if any) does not.
+    assert kept.prototypes >= 24
+    if kept.level + 1 < len(sizes):
+        assert sizes[kept.level + 1] < 24 or fit.levels[kept.level + 1].excess > 0.10
+    nearest = (holdout @ fit.prototypes.T).max(axis=1)
+    assert np.mean(1 - nearest) <= 1.10 * fit.levels[0].mean_distance + 1e-9
+
+
+def test_auto_needs_held_out_patches_and_a_sane_margin():
+    rng = np.random.default_rng(2)
+    x = _draw(rng, _groups(rng, 4, 8), 200, 0.1)
+    with pytest.raises(InputError, match="held-out normal patches"):
+        fit_prototypes(x, "auto", holdout_patches=None)
+    with pytest.raises(InputError, match="'auto' or an integer"):
+        fit_prototypes(x, "many")
+    with pytest.raises(InputError, match="margin"):
+        level_table([x[:50]], x[:10], normalize=True, grid=(1, 1), margin=float("nan"))
+
+
+def test_a_build_with_auto_prints_and_records_the_level_table(tmp_path):
+    from protoad_export.build.pipeline import BuildConfig, build
+    from protoad_export.data.images import Preprocessing
+    from protoad_export.data.synthetic import DatasetSpec, make_dataset
+
+    data = make_dataset(tmp_path / "parts", seed=3, spec=DatasetSpec(train=12, test_good=1, test_per_defect=1, width=96, height=64))
+    prep = Preprocessing(resize=64, crop=64, mode="squash")
+    logged: list[str] = []
+    config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, preprocessing=prep, max_prototypes="auto", holdout=0.25)
+    manifest = build(data, "auto", tmp_path / "out", config, log=logged.append, progress=False).manifest
+    selection = manifest["prototypes"]["selection"]
+    levels = selection["levels"]
+    kept = [row for row in levels if row["chosen"]]
+    assert len(kept) == 1 and kept[0]["prototypes"] == manifest["prototypes"]["count"]
+    assert [row["prototypes"] for row in levels] == manifest["finch"]["partition_sizes"]
+    assert selection["rule"] == "auto" and selection["margin"] == 0.10 and selection["holdout_patches"] > 0
+    assert levels[0]["excess"] == 0.0 and all(row["conv_gflops"] >= 0 for row in levels)
+    table = [line.strip() for line in logged if "<- kept" in line]
+    assert len(table) == 1 and table[0].split()[1] == f"{kept[0]['prototypes']:,}"
+
+    # Without a hold-out the paper's rule is used, and the build says so.
+    logged.clear()
+    config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, preprocessing=prep, max_prototypes="auto", holdout=0.0)
+    manifest = build(data, "paper", tmp_path / "out", config, log=logged.append, progress=False).manifest
+    assert manifest["prototypes"]["selection"] == {"rule": "first partition under max_prototypes", "max_prototypes": 10_000}
+    assert any(line.startswith("warning: no held-out images to choose the FINCH level on (built with --holdout 0)")
+               for line in logged)
