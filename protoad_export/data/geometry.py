@@ -9,10 +9,9 @@ The network is fully convolutional, so nothing forces a square input. The rule, 
   the short side;
 - sizes differ (a folder of crops): the whole image letterboxed (no distortion), into a
   non-square input at the images' median aspect ratio when they share an orientation, else into
-  a square whose side gives the median image its short side at the backbone's usual size
-  (``MIXED_SIDE``), never more than the images' own median long side.
-
-Measured against crop, squash and letterbox in benchmarks/RESULTS.md section 4.
+  the usual square. A larger square (the median crop's short side at the usual size) scored
+  lower on the magnetic tiles, whose crops come in both orientations, at 4x the cost
+  (benchmarks/RESULTS.md section 4).
 """
 
 from __future__ import annotations
@@ -69,13 +68,10 @@ def choose_geometry(prep: Preprocessing, sizes: list[tuple[int, int]]) -> tuple[
         why = (f"{len(counts)} sizes, {'landscape' if landscape >= 0.5 else 'portrait'} (median 1:{elongation:.2f}): "
                f"each whole image letterboxed into {w}x{h}")
     else:
-        elongations = np.maximum(aspects, 1.0 / aspects)
-        median_long = float(np.median([max(w, h) for w, h in sizes]))
-        side = _round_side(min(short * float(np.median(elongations)), max(median_long, short)))
-        side = max(side, short)
-        chosen = replace(prep, mode="letterbox", crop=side, resize=max(prep.resize, side))
-        why = (f"{len(counts)} sizes in both orientations ({landscape:.0%} landscape, median 1:{np.median(elongations):.2f}): "
-               f"each whole image letterboxed into {side}x{side}, the median image's short side at about {short}")
+        elongation = float(np.median(np.maximum(aspects, 1.0 / aspects)))
+        chosen = replace(prep, mode="letterbox")
+        why = (f"{len(counts)} sizes in both orientations ({landscape:.0%} landscape, median 1:{elongation:.2f}): each "
+               f"whole image letterboxed into {prep.crop}x{prep.crop}")
     record.update(chosen=chosen.to_dict(), reason=why)
     return chosen, record
 
