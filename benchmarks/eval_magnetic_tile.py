@@ -113,15 +113,16 @@ def run(args) -> dict:
         cat = subset_category(DATA, args.out / f"cat{m}", evenly_spaced(train, m))
         seen: dict[int, dict] = {}
         for i, budget in enumerate(args.max_prototypes):
-            config = BuildConfig(input="tensor", backbone="efficientnet_lite0", batch_size=8, holdout=0.0, max_prototypes=budget,
-                                 preprocessing=Preprocessing(mode=args.resize_mode))
+            # "auto" chooses its level on a hold-out (the build's default 10 %), so it fits on fewer images than the bank holds.
+            config = BuildConfig(input="tensor", backbone="efficientnet_lite0", batch_size=8, max_prototypes=budget,
+                                 holdout=0.1 if budget == "auto" else 0.0, preprocessing=Preprocessing(mode=args.resize_mode))
             path, build_s = engine(cat, f"{args.resize_mode}{m}_p{budget}", args.out, config)
             baseline = "knn" if i == 0 else None  # the bank does not depend on the budget
             report = args.out / f"eval_{m}_{budget}.json"
             if report.is_file() and math.isnan(build_s):  # engine reused and its evaluation done: resume
                 print(f"reusing {report}", flush=True)
                 rep = json.loads(report.read_text())
-            elif args.tiled_above is not None and budget > args.tiled_above and not baseline:
+            elif args.tiled_above is not None and not baseline and (budget == "auto" or budget > args.tiled_above):
                 rep = evaluate_tiled(path)
                 report.write_text(json.dumps(rep, indent=1))
             else:
@@ -223,7 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/protoad-bench"))
     parser.add_argument("--bank-images", default="16,64", help="comma-separated bank sizes (training images)")
-    parser.add_argument("--max-prototypes", default="10000,50000", help="comma-separated FINCH budgets; the first is the paper's")
+    parser.add_argument("--max-prototypes", default="10000,50000", help="comma-separated FINCH budgets ('auto': the level chosen on a 10 %% hold-out); the first is the paper's")
     parser.add_argument("--resize-mode", default="letterbox", choices=("crop", "squash", "letterbox"))
     parser.add_argument("--tiled-above", type=int, help="score budgets above this with TiledPrototypes, not ONNX Runtime")
     parser.add_argument("--check-tiled", type=int, metavar="BUDGET",
@@ -241,7 +242,7 @@ def main() -> None:
         return
     args.argv = sys.argv[1:]
     args.bank_images = [int(v) for v in args.bank_images.split(",")]
-    args.max_prototypes = [int(v) for v in args.max_prototypes.split(",")]
+    args.max_prototypes = [v if v == "auto" else int(v) for v in args.max_prototypes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)
     (args.out / "run.json").write_text(json.dumps(result, indent=1))

@@ -97,6 +97,9 @@ def test_a_build_with_auto_prints_and_records_the_level_table(tmp_path):
     assert len(kept) == 1 and kept[0]["prototypes"] == manifest["prototypes"]["count"]
     assert [row["prototypes"] for row in levels] == manifest["finch"]["partition_sizes"]
     assert selection["rule"] == "auto" and selection["margin"] == 0.10 and selection["holdout_patches"] > 0
+    # The other "auto" choices, resolved and explained: one image size -> a camera's frames.
+    assert manifest["choices"]["input"] == {"requested": "auto", "reason": "one image size: a camera's frames", "chosen": "frames"}
+    assert manifest["choices"]["resize_mode"] == {"requested": "squash"}
     assert levels[0]["excess"] == 0.0 and all(row["conv_gflops"] >= 0 for row in levels)
     table = [line.strip() for line in logged if "<- kept" in line]
     assert len(table) == 1 and table[0].split()[1] == f"{kept[0]['prototypes']:,}"

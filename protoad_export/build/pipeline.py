@@ -236,18 +236,23 @@ def frame_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
                      "pass the camera frame's size (--input-size WxH) or --input tensor")
 
 
-def _input_contract(config: BuildConfig, prep: Preprocessing, sizes: list[tuple[int, int]], log) -> InputContract:
-    """The graph's input: ``config.input``, with ``auto`` resolved (frames for one camera size)."""
-    kind = config.input
+def _input_contract(config: BuildConfig, prep: Preprocessing, sizes: list[tuple[int, int]],
+                    log) -> tuple[InputContract, dict]:
+    """The graph's input: ``config.input``, with ``auto`` resolved (frames for one camera size), and
+    the manifest's record of the choice."""
+    kind, record = config.input, {"requested": config.input}
     if kind == "auto":
         kind = "frames" if config.input_size or len(set(sizes)) == 1 else "tensor"
+        record["reason"] = ("the frame size given" if config.input_size else "one image size: a camera's frames"
+                            if kind == "frames" else f"{len(set(sizes))} image sizes: not one camera's frames")
         if kind == "tensor":
             log(f"input: the training images come in {len(set(sizes))} sizes (not one camera's frames): a float "
                 "tensor input, preprocessed by the runtime; --input-size WxH makes a frames graph for one camera")
+    record["chosen"] = kind
     if kind == "frames":
         width, height = config.input_size or frame_size(sizes)
-        return InputContract("frames", prep.crop, width, height, config.channel_order)
-    return InputContract("tensor", prep.crop)
+        return InputContract("frames", prep.crop, width, height, config.channel_order), record
+    return InputContract("tensor", prep.crop), record
 
 
 @dataclass
@@ -264,6 +269,7 @@ class _Plan:
     backbone: object
     patch_features: PatchFeatures
     grid: int
+    choices: dict  # what "auto" options became and why, for the manifest
 
 
 def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[[str], None]) -> _Plan:
@@ -282,7 +288,7 @@ def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[
     prep, geometry = choose_geometry(get_spec(config.backbone).preprocessing(config.preprocessing), sizes)
     if "reason" in geometry:
         log(f"geometry: {geometry['reason']}")
-    contract = _input_contract(config, prep, sizes, log)
+    contract, input_choice = _input_contract(config, prep, sizes, log)
     if prep.mode == "crop":
         _warn_if_cropping_parts(sizes, prep, log)
     _warn_if_upscaling(sizes, prep, log)
@@ -296,7 +302,8 @@ def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[
     check_build_resources(n_features, n_clustered, dim, out, searches_on_cpu(n_clustered, dim, config.neighbours, device),
                           config.prototype_limit, engine_bytes=engine_bytes)
     return _Plan(paths, held_out, found, no_holdout, device, prep, contract, backbone,
-                 PatchFeatures(backbone.module, config.align, grid), grid)
+                 PatchFeatures(backbone.module, config.align, grid), grid,
+                 {"resize_mode": geometry, "input": input_choice})
 
 
 def _extract(plan: _Plan, config: BuildConfig, workdir: Path, log, progress: bool):
@@ -436,6 +443,7 @@ def _manifest(data, plan: _Plan, config: BuildConfig, extracted, fit, passed, cl
             "feature_dim": backbone.spec.feature_dim,
         },
         "preprocessing": prep.to_dict(),
+        "choices": plan.choices,
         "align": config.align,
         "input": contract.to_manifest(),
         "outputs": {name: ["batch", *shape[1:]] for name, shape in output_shapes(contract).items()},
