@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from protoad_export.clustering.levels import chosen_level, conv_gflops, format_table, level_table
+from protoad_export.options import AUTO_MARGIN
 from protoad_export.clustering.prototypes import fit_prototypes
 from protoad_export.errors import InputError
 
@@ -65,9 +66,9 @@ def test_auto_on_finch_stops_before_merging_distinct_kinds():
     # Every kind keeps a prototype of its own; the next coarser level (if any) does not.
     assert kept.prototypes >= 24
     if kept.level + 1 < len(sizes):
-        assert sizes[kept.level + 1] < 24 or fit.levels[kept.level + 1].excess > 0.10
+        assert sizes[kept.level + 1] < 24 or fit.levels[kept.level + 1].excess > AUTO_MARGIN
     nearest = (holdout @ fit.prototypes.T).max(axis=1)
-    assert np.mean(1 - nearest) <= 1.10 * fit.levels[0].mean_distance + 1e-9
+    assert np.mean(1 - nearest) <= (1 + AUTO_MARGIN) * fit.levels[0].mean_distance + 1e-9
 
 
 def test_auto_needs_held_out_patches_and_a_sane_margin():
@@ -96,7 +97,7 @@ def test_a_build_with_auto_prints_and_records_the_level_table(tmp_path):
     kept = [row for row in levels if row["chosen"]]
     assert len(kept) == 1 and kept[0]["prototypes"] == manifest["prototypes"]["count"]
     assert [row["prototypes"] for row in levels] == manifest["finch"]["partition_sizes"]
-    assert selection["rule"] == "auto" and selection["margin"] == 0.10 and selection["holdout_patches"] > 0
+    assert selection["rule"] == "auto" and selection["margin"] == AUTO_MARGIN and selection["holdout_patches"] > 0
     # The other "auto" choices, resolved and explained: one image size -> a camera's frames.
     assert manifest["choices"]["input"] == {"requested": "auto", "reason": "one image size: a camera's frames", "chosen": "frames"}
     assert manifest["choices"]["resize_mode"] == {"requested": "squash"}
