@@ -34,7 +34,7 @@ from ..clustering.finch import searches_on_cpu
 from ..clustering.kernels import forced_kernel
 from ..data.images import Preprocessing, image_size
 from ..data.datasets import is_mvtec_category, training_images
-from ..model.network import ProtoADNetwork, patch_grid
+from ..model.network import ProtoADNetwork, patch_grid_hw
 from ..contract import DECISION_RULE, InputContract, output_shapes
 from ..export.onnx import inspect_graph, export_onnx
 from ..clustering.prototypes import fit_prototypes, near_miss, sample_rows
@@ -192,7 +192,8 @@ def _warn_if_upscaling(sizes: list[tuple[int, int]], prep: Preprocessing, log: C
     scale = float(np.median(scales))
     if scale > MAX_UPSCALE:
         w, h = sizes[int(np.argsort(scales)[len(scales) // 2])]
-        log(f"warning: the images are small ({w}x{h} pixels) and are upscaled {scale:.0f}x to the {prep.crop}x{prep.crop} "
+        log(f"warning: the images are small ({w}x{h} pixels) and are upscaled {scale:.0f}x to the "
+            f"{prep.input_size[0]}x{prep.input_size[1]} "
             f"input: small defects are blurred over many patches; a smaller --crop and --resize (at least 32) fit them better")
 
 
@@ -240,7 +241,7 @@ class _Plan:
     contract: InputContract
     backbone: object
     patch_features: PatchFeatures
-    grid: int
+    grid: tuple[int, int]  # (rows, columns)
 
 
 def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[[str], None]) -> _Plan:
@@ -258,17 +259,17 @@ def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[
     prep = get_spec(config.backbone).preprocessing(config.preprocessing)
     if config.input == "frames":
         width, height = config.input_size or frame_size(paths + held_out)
-        contract = InputContract("frames", prep.crop, width, height, config.channel_order)
+        contract = InputContract("frames", prep.crop, width, height, config.channel_order, prep.width)
     else:
-        contract = InputContract("tensor", prep.crop)
+        contract = InputContract("tensor", prep.crop, model_width=prep.width)
     sizes = _sample_sizes(paths)
     if prep.mode == "crop":
         _warn_if_cropping_parts(sizes, prep, log)
     _warn_if_upscaling(sizes, prep, log)
     backbone = load_backbone(config.backbone, config.weights)
-    grid = patch_grid(prep.crop, backbone.spec.strides[0])
+    grid = patch_grid_hw(prep, backbone.spec.strides[0])
     # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
-    n_features = len(paths) * grid * grid
+    n_features = len(paths) * grid[0] * grid[1]
     n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
     engine_bytes = engine_file_bytes(sum(p.numel() for p in backbone.module.parameters()),
                                      min(n_clustered, config.max_prototypes), dim)
@@ -328,7 +329,7 @@ def _graph_metadata(plan: _Plan, fit) -> dict[str, str]:
     meta = {
         "tool_version": __version__, "input": json.dumps(plan.contract.to_manifest()),
         "preprocessing": json.dumps(plan.prep.to_dict()), "backbone": plan.backbone.spec.name,
-        "prototypes": str(len(fit.prototypes)), "outputs": "anomaly_map float32 [B,1,S,S]; score float32 [B]",
+        "prototypes": str(len(fit.prototypes)), "outputs": "anomaly_map float32 [B,1,{1},{0}]; score float32 [B]".format(*plan.prep.input_size),
         "decision_rule": DECISION_RULE,
     }
     if plan.contract.kind == "frames":

@@ -38,6 +38,8 @@ def _frame_size(ctx, param, value):
 @click.option("--resize-mode", default=O.RESIZE_MODES[0], show_default=True, type=click.Choice(O.RESIZE_MODES))
 @click.option("--resize", default=O.DEFAULT_RESIZE, show_default=True, type=click.IntRange(min=32))
 @click.option("--crop", default=O.DEFAULT_CROP, show_default=True, type=click.IntRange(min=32))
+@click.option("--width", default=None, type=click.IntRange(min=32),
+              help="Model input width for squash/letterbox (--crop is its height) [default: square].")
 @click.option("--input", "input_kind", default=O.INPUT_KINDS[0], show_default=True, type=click.Choice(O.INPUT_KINDS),
               help="Graph input: uint8 camera frames (preprocessing inside the graph) or a preprocessed float tensor.")
 @click.option("--input-size", default=None, metavar="WxH", callback=_frame_size,
@@ -61,7 +63,7 @@ def _frame_size(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def build(data, name, out, backbone, weights, max_prototypes, align, normalize_prototypes, resize_mode,
-          resize, crop, input_kind, input_size, channel_order, device, batch_profile, batch_size, neighbours, holdout,
+          resize, crop, width, input_kind, input_size, channel_order, device, batch_profile, batch_size, neighbours, holdout,
           max_train_patches, prototype_chunk, quiet) -> None:
     """Fit prototypes on the normal images in DATA and export the complete network.
 
@@ -73,7 +75,7 @@ def build(data, name, out, backbone, weights, max_prototypes, align, normalize_p
     config = BuildConfig(
         backbone=backbone, weights=weights, max_prototypes=max_prototypes, align=align,
         normalize_prototypes=normalize_prototypes,
-        preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode),
+        preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode, width=width),
         device=device, batch_profile=batch_profile, batch_size=batch_size, neighbours=neighbours,
         holdout=holdout, max_train_patches=max_train_patches, prototype_chunk=prototype_chunk,
         input=input_kind, input_size=input_size, channel_order=channel_order,
