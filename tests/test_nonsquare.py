@@ -251,3 +251,14 @@ def test_an_edited_width_is_refused(squash_bundle, letterbox_result):
     frames["preprocessing"]["width"] = 256
     with pytest.raises(ArtifactError, match=r"train.grid \[16, 32\] does not match the input 256x64 \(the network's patch grid is 16x64\)"):
         check_manifest(frames)
+
+
+def test_serving_configs_take_the_non_square_dims(squash_bundle, tmp_path):
+    from protoad_export.export.serving import write_deepstream_config, write_triton_repository
+
+    model = write_triton_repository(squash_bundle, tmp_path / "repo", log=None)
+    config = (model / "config.pbtxt").read_text()
+    assert f"dims: [ 3, {CROP}, {WIDTH} ]" in config and f"dims: [ 1, {CROP}, {WIDTH} ]" in config
+    assert 'preprocessing.width' in config
+    nvinfer = write_deepstream_config(squash_bundle, tmp_path / "pgie.txt", use_engine=False, log=None).read_text()
+    assert f"infer-dims=3;{CROP};{WIDTH}" in nvinfer and "maintain-aspect-ratio=0" in nvinfer
