@@ -180,7 +180,8 @@ def _warn_if_cropping_parts(sizes: list[tuple[int, int]], prep: Preprocessing, l
     if aspect > 1.25:
         kept = prep.crop / (prep.resize * aspect)
         log(f"warning: the images are not square (median aspect 1:{aspect:.1f}); the centre crop keeps about "
-            f"{kept:.0%} of each part's long side: consider --resize-mode letterbox (see benchmarks/RESULTS.md)")
+            f"{kept:.0%} of each part's long side: consider --resize-mode letterbox, with --width for an input "
+            f"of the parts' aspect ratio (see benchmarks/RESULTS.md)")
 
 
 def _warn_if_upscaling(sizes: list[tuple[int, int]], prep: Preprocessing, log: Callable[[str], None]) -> None:
