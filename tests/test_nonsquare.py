@@ -262,3 +262,23 @@ def test_serving_configs_take_the_non_square_dims(squash_bundle, tmp_path):
     assert 'preprocessing.width' in config
     nvinfer = write_deepstream_config(squash_bundle, tmp_path / "pgie.txt", use_engine=False, log=None).read_text()
     assert f"infer-dims=3;{CROP};{WIDTH}" in nvinfer and "maintain-aspect-ratio=0" in nvinfer
+
+
+
+@pytest.mark.parametrize("kind", ["tensor", "frames"])
+def test_the_tensorrt_profile_takes_the_non_square_shape(kind):
+    """The optimisation profile comes from the manifest's contract (recording fake TensorRT, tests/fake_tensorrt.py)."""
+    from fake_tensorrt import called, make_fake_tensorrt
+
+    from protoad_export.export import tensorrt as engine
+
+    prep = Preprocessing(crop=CROP, mode="letterbox", width=WIDTH, **PLAIN)
+    entry = {"kind": "tensor"} if kind == "tensor" else {"kind": "frames", "shape": ["batch", 112, 256, 3],
+                                                         "channel_order": "rgb"}
+    contract = InputContract.from_manifest({"preprocessing": prep.to_dict(), "input": entry})
+    trt = make_fake_tensorrt("10.9.0.34")
+    engine._builder_config(trt, trt.Builder(None), contract, batch_profile=(1, 2, 4), workspace_gib=1,
+                           optimization_level=3)
+    per_image = (3, CROP, WIDTH) if kind == "tensor" else (112, 256, 3)
+    assert called(trt, "set_shape") == [(contract.name, *((b, *per_image) for b in (1, 2, 4)))]
+    assert output_shapes(contract, 4)["anomaly_map"] == (4, 1, CROP, WIDTH)
