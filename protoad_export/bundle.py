@@ -388,6 +388,7 @@ _FIELDS: tuple[tuple[str, bool, str, Any], ...] = (
     ("preprocessing", True, "an object", lambda v: isinstance(v, dict)),
     ("preprocessing.resize", True, "an integer", _is_int),
     ("preprocessing.crop", True, "an integer", _is_int),
+    ("preprocessing.width", False, "an integer", _is_int),
     ("preprocessing.mode", True, "one of crop, squash, letterbox", lambda v: v in RESIZE_MODES),
     ("preprocessing.mean", True, "3 finite numbers", _finite_triple),
     ("preprocessing.std", True, "3 finite positive numbers", lambda v: _finite_triple(v) and min(v) > 0),
@@ -395,7 +396,7 @@ _FIELDS: tuple[tuple[str, bool, str, Any], ...] = (
     ("input", True, "an object", lambda v: isinstance(v, dict)),
     ("input.kind", False, "frames or tensor", lambda v: v in INPUT_KINDS),
     ("input.channel_order", False, f"one of {', '.join(CHANNEL_ORDERS)}", lambda v: v in CHANNEL_ORDERS),
-    ("input.shape", True, "[batch, 3, crop, crop] or [batch, height, width, channels]",
+    ("input.shape", True, "[batch, 3, crop, width] or [batch, height, width, channels]",
      lambda v: isinstance(v, list) and len(v) == 4 and all(_positive_int(x) for x in v[1:])),
     ("prototypes", True, "an object", lambda v: isinstance(v, dict)),
     ("prototypes.file", True, "a file name", _plain_name),
@@ -461,17 +462,22 @@ def check_manifest(manifest: dict[str, Any], path: str | os.PathLike = MANIFEST_
     except (InputError, ValueError) as exc:
         raise bad("preprocessing", f"is out of range ({exc})") from None
     shape = manifest["input"]["shape"]
-    if manifest["input"].get("kind", "tensor") == "tensor" and shape[1:] != [3, prep.crop, prep.crop]:
-        raise bad("preprocessing.crop", f"{prep.crop} does not match the network's input {shape[2]}x{shape[3]} (input.shape)")
+    width, height = prep.input_size
+    if manifest["input"].get("kind", "tensor") == "tensor" and shape[1:] != [3, height, width]:
+        if prep.width is None:
+            raise bad("preprocessing.crop", f"{prep.crop} does not match the network's input {shape[2]}x{shape[3]} (input.shape)")
+        raise bad("preprocessing.crop", f"{height} and width {width} do not match the network's input "
+                                        f"{shape[2]}x{shape[3]} (input.shape)")
     if manifest["input"].get("kind") == "frames":
         channels = 1 if manifest["input"].get("channel_order") == "gray" else 3
         if shape[3] != channels:
             raise bad("input.shape", f"has {shape[3]} channels, but channel_order {manifest['input'].get('channel_order')!r} "
                                      f"means {channels}")
-    grid = math.ceil(prep.crop / STAGE1_STRIDE)
-    if manifest["train"]["grid"] != [grid, grid]:
-        raise bad("train.grid", f"{manifest['train']['grid']} does not match the crop {prep.crop} "
-                                f"(the network's patch grid is {grid}x{grid})")
+    grid = [math.ceil(height / STAGE1_STRIDE), math.ceil(width / STAGE1_STRIDE)]
+    if manifest["train"]["grid"] != grid:
+        what = f"the crop {prep.crop}" if prep.width is None else f"the input {width}x{height}"
+        raise bad("train.grid", f"{manifest['train']['grid']} does not match {what} "
+                                f"(the network's patch grid is {grid[0]}x{grid[1]})")
 
 
 def verify_file(bundle_dir: str | os.PathLike, manifest: dict[str, Any], name: str) -> Path:

@@ -7,9 +7,10 @@ Two graph inputs exist:
 
 - ``frames``: camera frames, uint8 [B, H, W, C], C = 3 (``rgb`` or ``bgr``) or 1 (``gray``), of the
   one frame size the bundle was built for; the graph resizes, crops or letterboxes and normalises.
-- ``image``: float32 [B, 3, S, S] RGB in [0, 1], already preprocessed (``build --input tensor``).
+- ``image``: float32 [B, 3, H, W] RGB in [0, 1], already preprocessed (``build --input tensor``).
 
-Outputs: ``anomaly_map`` float32 [B, 1, S, S] and ``score`` float32 [B] (the map's maximum).
+Outputs: ``anomaly_map`` float32 [B, 1, H, W] and ``score`` float32 [B] (the map's maximum).
+H x W is the model input (``preprocessing.crop`` x ``preprocessing.width``; square without a width).
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ class InputContract:
     """The graph input of one bundle (from its manifest's ``input`` entry)."""
 
     kind: str  # "frames" or "tensor"
-    size: int  # side of the model input S
+    size: int  # height of the model input H (its side when square)
     width: int | None = None  # frame size, for "frames"
     height: int | None = None
     channel_order: str = "rgb"
+    model_width: int | None = None  # width of the model input W when not square
+
+    @property
+    def model_input(self) -> tuple[int, int]:
+        """(W, H) of the model input, which is also the anomaly map's size."""
+        return (self.size if self.model_width is None else self.model_width), self.size
 
     @property
     def name(self) -> str:
@@ -57,7 +64,7 @@ class InputContract:
         """The input's shape for ``batch`` images."""
         if self.kind == "frames":
             return (batch, self.height, self.width, self.channels)
-        return (batch, 3, self.size, self.size)
+        return (batch, 3, self.size, self.model_input[0])
 
     def describe(self) -> str:
         dims = ", ".join(str(d) for d in self.shape())
@@ -74,11 +81,13 @@ class InputContract:
     @classmethod
     def from_manifest(cls, manifest: dict) -> "InputContract":
         size = int(manifest["preprocessing"]["crop"])
+        model_width = manifest["preprocessing"].get("width")  # absent before non-square inputs: square
+        model_width = None if model_width is None else int(model_width)
         entry = manifest.get("input") or {}
         if entry.get("kind", "tensor") == "tensor":  # bundles from before frames were an input
-            return cls("tensor", size)
+            return cls("tensor", size, model_width=model_width)
         _, height, width, _ = entry["shape"]
-        return cls("frames", size, int(width), int(height), str(entry["channel_order"]))
+        return cls("frames", size, int(width), int(height), str(entry["channel_order"]), model_width)
 
     def check(self, inputs) -> np.ndarray:
         """The caller's batch as a contiguous array of the graph's dtype, or one line saying why not.
@@ -136,7 +145,8 @@ def _to_gray(pixels: np.ndarray):
 
 def output_shapes(contract: InputContract, batch: int | str = "B") -> dict[str, tuple]:
     """The graph's outputs for ``batch`` images."""
-    return {"anomaly_map": (batch, 1, contract.size, contract.size), "score": (batch,)}
+    width, height = contract.model_input
+    return {"anomaly_map": (batch, 1, height, width), "score": (batch,)}
 
 
 def check_threshold(value: object, source: str, *, error: type[Exception] = InputError) -> float:

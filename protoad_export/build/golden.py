@@ -70,7 +70,7 @@ def _rows(paths: Sequence[Path], source: str, contract: InputContract, prep: Pre
 
 def write_golden(network, contract: InputContract, prep: Preprocessing, folder: str | Path, *,
                  holdout: Sequence[Path], fitting: Sequence[Path] = (), count: int = MAX_NORMAL) -> dict:
-    """Run the FP32 ``network`` (input as ``contract`` -> (anomaly_map [B, 1, S, S], score [B])) on
+    """Run the FP32 ``network`` (input as ``contract`` -> (anomaly_map [B, 1, H, W], score [B])) on
     ``count`` normal images (hold-out first, fitting images when too few were held out) plus synthetic
     defects drawn on the first one;
     write ``golden/*.npy`` into ``folder`` and return the manifest's ``golden`` entry.

@@ -35,7 +35,7 @@ from ..clustering.kernels import forced_kernel
 from ..data.geometry import choose_geometry
 from ..data.images import Preprocessing, image_size
 from ..data.datasets import is_mvtec_category, training_images
-from ..model.network import ProtoADNetwork, patch_grid
+from ..model.network import ProtoADNetwork, patch_grid_hw
 from ..contract import DECISION_RULE, InputContract, output_shapes
 from ..export.onnx import inspect_graph, export_onnx
 from ..clustering.levels import format_table, sample_patches
@@ -194,7 +194,8 @@ def _warn_if_cropping_parts(sizes: list[tuple[int, int]], prep: Preprocessing, l
     if aspect > 1.25:
         kept = prep.crop / (prep.resize * aspect)
         log(f"warning: the images are not square (median aspect 1:{aspect:.1f}); the centre crop keeps about "
-            f"{kept:.0%} of each part's long side: consider --resize-mode letterbox (see benchmarks/RESULTS.md)")
+            f"{kept:.0%} of each part's long side: consider --resize-mode letterbox, with --width for an input "
+            f"of the parts' aspect ratio (see benchmarks/RESULTS.md)")
 
 
 def _warn_if_upscaling(sizes: list[tuple[int, int]], prep: Preprocessing, log: Callable[[str], None]) -> None:
@@ -206,7 +207,8 @@ def _warn_if_upscaling(sizes: list[tuple[int, int]], prep: Preprocessing, log: C
     scale = float(np.median(scales))
     if scale > MAX_UPSCALE:
         w, h = sizes[int(np.argsort(scales)[len(scales) // 2])]
-        log(f"warning: the images are small ({w}x{h} pixels) and are upscaled {scale:.0f}x to the {prep.crop}x{prep.crop} "
+        log(f"warning: the images are small ({w}x{h} pixels) and are upscaled {scale:.0f}x to the "
+            f"{prep.input_size[0]}x{prep.input_size[1]} "
             f"input: small defects are blurred over many patches; a smaller --crop and --resize (at least 32) fit them better")
 
 
@@ -251,8 +253,8 @@ def _input_contract(config: BuildConfig, prep: Preprocessing, sizes: list[tuple[
     record["chosen"] = kind
     if kind == "frames":
         width, height = config.input_size or frame_size(sizes)
-        return InputContract("frames", prep.crop, width, height, config.channel_order), record
-    return InputContract("tensor", prep.crop), record
+        return InputContract("frames", prep.crop, width, height, config.channel_order, prep.width), record
+    return InputContract("tensor", prep.crop, model_width=prep.width), record
 
 
 @dataclass
@@ -268,7 +270,7 @@ class _Plan:
     contract: InputContract
     backbone: object
     patch_features: PatchFeatures
-    grid: int
+    grid: tuple[int, int]  # (rows, columns)
     choices: dict  # what "auto" options became and why, for the manifest
 
 
@@ -293,9 +295,9 @@ def _plan(data: str | Path, out: str | Path, config: BuildConfig, log: Callable[
         _warn_if_cropping_parts(sizes, prep, log)
     _warn_if_upscaling(sizes, prep, log)
     backbone = load_backbone(config.backbone, config.weights)
-    grid = patch_grid(prep.crop, backbone.spec.strides[0])
+    grid = patch_grid_hw(prep, backbone.spec.strides[0])
     # Before any work: a build that cannot fit stops here, not at an out-of-memory kill later.
-    n_features = len(paths) * grid * grid
+    n_features = len(paths) * grid[0] * grid[1]
     n_clustered, dim = min(n_features, config.max_train_patches or n_features), backbone.spec.feature_dim
     engine_bytes = engine_file_bytes(sum(p.numel() for p in backbone.module.parameters()),
                                      min(n_clustered, config.prototype_limit), dim)
@@ -400,7 +402,7 @@ def _graph_metadata(plan: _Plan, fit) -> dict[str, str]:
     meta = {
         "tool_version": __version__, "input": json.dumps(plan.contract.to_manifest()),
         "preprocessing": json.dumps(plan.prep.to_dict()), "backbone": plan.backbone.spec.name,
-        "prototypes": str(len(fit.prototypes)), "outputs": "anomaly_map float32 [B,1,S,S]; score float32 [B]",
+        "prototypes": str(len(fit.prototypes)), "outputs": "anomaly_map float32 [B,1,{1},{0}]; score float32 [B]".format(*plan.prep.input_size),
         "decision_rule": DECISION_RULE,
     }
     if plan.contract.kind == "frames":

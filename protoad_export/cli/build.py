@@ -61,6 +61,8 @@ class PrototypeRule(click.ParamType):
                    "for square frames); the build prints and records the choice.")
 @click.option("--resize", default=O.DEFAULT_RESIZE, show_default=True, type=click.IntRange(min=32))
 @click.option("--crop", default=O.DEFAULT_CROP, show_default=True, type=click.IntRange(min=32))
+@click.option("--width", default=None, type=click.IntRange(min=32),
+              help="Model input width for squash/letterbox (--crop is its height) [default: square, or auto's choice].")
 @click.option("--input", "input_kind", default=O.DEFAULT_INPUT, show_default=True, type=click.Choice(O.INPUT_CHOICES),
               help="Graph input: uint8 camera frames (preprocessing inside the graph) or a preprocessed float tensor; "
                    "auto: frames when the training images share one size.")
@@ -85,7 +87,7 @@ class PrototypeRule(click.ParamType):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def build(data, name, out, backbone, weights, max_prototypes, prototype_cap, align, normalize_prototypes, resize_mode,
-          resize, crop, input_kind, input_size, channel_order, device, batch_profile, batch_size, neighbours, holdout,
+          resize, crop, width, input_kind, input_size, channel_order, device, batch_profile, batch_size, neighbours, holdout,
           max_train_patches, prototype_chunk, quiet) -> None:
     """Fit prototypes on the normal images in DATA and export the complete network.
 
@@ -97,7 +99,7 @@ def build(data, name, out, backbone, weights, max_prototypes, prototype_cap, ali
     config = BuildConfig(
         backbone=backbone, weights=weights, max_prototypes=max_prototypes, prototype_cap=prototype_cap, align=align,
         normalize_prototypes=normalize_prototypes,
-        preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode),
+        preprocessing=Preprocessing(resize=resize, crop=crop, mode=resize_mode, width=width),
         device=device, batch_profile=batch_profile, batch_size=batch_size, neighbours=neighbours,
         holdout=holdout, max_train_patches=max_train_patches, prototype_chunk=prototype_chunk,
         input=input_kind, input_size=input_size, channel_order=channel_order,

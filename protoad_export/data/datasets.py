@@ -98,9 +98,10 @@ def category_test_set(root: str | Path, require_masks: bool = True) -> list[Labe
 
 
 def mask_for(sample: "LabelledImage", prep: Preprocessing) -> np.ndarray:
-    """The sample's ground-truth mask with the image's geometry: bool [crop, crop] (all False if none)."""
+    """The sample's ground-truth mask with the image's geometry: bool [H, W] of the model input
+    (all False if none)."""
     if sample.mask_path is None:
-        return np.zeros((prep.crop, prep.crop), dtype=bool)
+        return np.zeros(prep.input_size[::-1], dtype=bool)
     try:
         return prep.mask_array(load_mask(sample.mask_path), image_size(sample.path))
     except InputError as exc:
@@ -109,13 +110,13 @@ def mask_for(sample: "LabelledImage", prep: Preprocessing) -> np.ndarray:
 
 @dataclass
 class TestSet:
-    """Labelled test images with masks at the crop resolution."""
+    """Labelled test images with masks at the model input's resolution."""
 
     samples: list[LabelledImage]
     labels: np.ndarray  # int [N]
-    masks: np.ndarray  # bool [N, S, S]
+    masks: np.ndarray  # bool [N, H, W] (the model input)
     pixel_ok: np.ndarray  # bool [N]: usable for pixel metrics
-    valid: np.ndarray  # bool [N, S, S]: pixels of the part (False on letterbox padding)
+    valid: np.ndarray  # bool [N, H, W]: pixels of the part (False on letterbox padding)
 
     @property
     def defects(self) -> list[str]:
@@ -128,7 +129,7 @@ def load_test_set(data: str | Path, prep: Preprocessing, *, limit: int | None = 
     samples = category_test_set(data, require_masks=False)
     if limit:
         samples = evenly_spaced(samples, limit)
-    masks = np.zeros((len(samples), prep.crop, prep.crop), dtype=bool)
+    masks = np.zeros((len(samples), *prep.input_size[::-1]), dtype=bool)
     valid = np.zeros_like(masks)
     for i, s in enumerate(samples):
         masks[i] = mask_for(s, prep)  # scaled to its image first, then the image's geometry

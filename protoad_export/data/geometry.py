@@ -41,6 +41,10 @@ def choose_geometry(prep: Preprocessing, sizes: list[tuple[int, int]]) -> tuple[
         return prep, {"requested": prep.mode}
     if not sizes:
         raise InputError("no readable training image to choose the input geometry from")
+    if prep.width is not None:  # the input size is given: auto only keeps the whole part, undistorted
+        chosen = replace(prep, mode="letterbox")
+        return chosen, {"requested": AUTO, "chosen": chosen.to_dict(),
+                        "reason": f"the input size given ({prep.width}x{prep.crop}): each whole image letterboxed into it"}
     short = prep.crop  # the backbone's usual input side
     counts = Counter(sizes)
     aspects = np.array([w / h for w, h in sizes], dtype=np.float64)

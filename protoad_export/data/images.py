@@ -33,10 +33,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class Preprocessing:
     """Geometry and normalisation shared by fitting, the exported graph and every runtime.
 
+    The model input is ``width`` x ``crop`` pixels (W x H; ``width`` None: square, ``crop`` x ``crop``).
     ``mode``: ``crop`` resizes the shorter side to ``resize`` and centre-crops ``crop`` (authors'
-    code); ``squash`` resizes to ``crop`` x ``crop`` ignoring the aspect ratio; ``letterbox`` fits the
-    longer side to ``crop`` and pads the rest with black; ``auto`` is chosen by the build from the
-    training images (``data.geometry``) and never reaches a bundle.
+    code; square only); ``squash`` resizes to the input size ignoring the aspect ratio; ``letterbox``
+    fits the image inside the input size, keeping its aspect ratio, and pads the rest with black
+    (centred). A non-square input lets elongated parts keep their aspect ratio: the network is
+    fully convolutional. ``auto`` is chosen by the build from the training images
+    (``data.geometry``) and never reaches a bundle.
     ``mean``/``std``: the input normalisation; ``None`` means the backbone's own (the one its
     weights were trained with), filled in by ``BackboneSpec.preprocessing`` before a network is made.
     """
@@ -46,6 +49,7 @@ class Preprocessing:
     mode: str = "crop"
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    width: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_CHOICES:
@@ -56,15 +60,35 @@ class Preprocessing:
             raise InputError(f"crop size must be a multiple of 16 (the stage-3 stride), got {self.crop}")
         if self.mode == "crop" and not (isinstance(self.resize, int) and self.resize >= self.crop):
             raise InputError(f"resize ({self.resize}) must be an integer >= crop ({self.crop})")
+        if self.width is not None:
+            if isinstance(self.width, bool) or not (isinstance(self.width, int) and 32 <= self.width <= 4096):
+                raise InputError(f"width must be an integer in 32..4096, got {self.width!r}")
+            if self.width % 16:
+                raise InputError(f"width must be a multiple of 16 (the stage-3 stride), got {self.width}")
+            if self.mode == "crop":
+                raise InputError(f"width {self.width} needs resize mode squash or letterbox: "
+                                 f"crop mode's input is the square crop x crop")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) of the model input in pixels."""
+        return (self.crop if self.width is None else self.width), self.crop
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The manifest entry; ``width`` only when set, so square bundles read as before."""
+        entry = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if entry["width"] is None:
+            del entry["width"]
+        return entry
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        """Inverse of :meth:`to_dict`; an entry without ``width`` (every bundle before it existed) is square."""
+        width = d.get("width")
         return cls(
             resize=int(d["resize"]), crop=int(d["crop"]), mode=str(d["mode"]),
             mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+            width=None if width is None else int(width),
         )
 
     @classmethod
@@ -82,13 +106,15 @@ class Preprocessing:
         """(resized size, crop box in the resized image, paste offset in the output) for an input size."""
         if self.mode == AUTO:
             raise ValueError("resize mode 'auto' is resolved by the build (data.geometry.choose_geometry) first")
-        out = self.crop
+        out_w, out_h = self.input_size
         if self.mode == "squash":
-            return (out, out), (0, 0, out, out), (0, 0)
+            return (out_w, out_h), (0, 0, out_w, out_h), (0, 0)
         if self.mode == "letterbox":
-            scale = out / max(width, height)
-            w, h = max(1, round(width * scale)), max(1, round(height * scale))
-            return (w, h), (0, 0, w, h), ((out - w) // 2, (out - h) // 2)
+            # For a square input this is out / max(width, height), bit for bit.
+            scale = min(out_w / width, out_h / height)
+            w, h = min(out_w, max(1, round(width * scale))), min(out_h, max(1, round(height * scale)))
+            return (w, h), (0, 0, w, h), ((out_w - w) // 2, (out_h - h) // 2)
+        out = self.crop
         scale = self.resize / min(width, height)
         w, h = max(out, round(width * scale)), max(out, round(height * scale))
         left, top = (w - out) // 2, (h - out) // 2
@@ -101,7 +127,7 @@ class Preprocessing:
         resized = image.resize(size, resample)
         if self.mode == "crop" or self.mode == "squash":
             return resized.crop(box)
-        canvas = Image.new(image.mode, (self.crop, self.crop), 0)
+        canvas = Image.new(image.mode, self.input_size, 0)
         canvas.paste(resized, offset)
         return canvas
 
@@ -110,7 +136,7 @@ class Preprocessing:
         manifest and the ONNX metadata, so that a program without this package can place the map."""
         (w, h), box, (ox, oy) = self.geometry(width, height)
         return {"frame": [width, height], "resized": [w, h], "crop_box": list(box), "paste": [ox, oy],
-                "model_input": [self.crop, self.crop],
+                "model_input": list(self.input_size),
                 "inspected_box": list(self.inspected_box(width, height)),
                 "map_to_frame": "pixel centres: frame_x + 0.5 = (x + 0.5 - paste_x + crop_left) * frame_w / resized_w, "
                                 "likewise for y"}
@@ -124,7 +150,7 @@ class Preprocessing:
 
     def map_to_image(self, model_map: np.ndarray, width: int, height: int, *,
                      any_of: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """A model-resolution map [S, S] -> (float32 [height, width] in the image's own pixels,
+        """A model-resolution map [H, W] (the input's height and width) -> (float32 [height, width] in the image's own pixels,
         bool [height, width]: the pixels the model inspected). Outside the inspected region (what a
         centre crop leaves out) the map is 0; letterbox padding is dropped. Bilinear, or with
         ``any_of`` (a 0/1 mask) the area-weighted box filter, so that an image pixel is > 0 where
@@ -144,8 +170,9 @@ class Preprocessing:
         return full, inspected
 
     def valid_mask(self, width: int, height: int) -> np.ndarray:
-        """bool [crop, crop]: output pixels that come from the image (False on letterbox padding)."""
-        valid = np.zeros((self.crop, self.crop), dtype=bool)
+        """bool [H, W] of the model input: pixels that come from the image (False on letterbox padding)."""
+        out_w, out_h = self.input_size
+        valid = np.zeros((out_h, out_w), dtype=bool)
         (w, h), _, (left, top) = self.geometry(width, height)
         if self.mode == "letterbox":
             valid[top : top + h, left : left + w] = True
@@ -160,7 +187,7 @@ class Preprocessing:
         return axis_resample(width, w, (left, right)), axis_resample(height, h, (top, bottom)), offset
 
     def pixels_array(self, pixels: np.ndarray) -> np.ndarray:
-        """RGB uint8 [H, W, 3] -> float32 [3, crop, crop] in [0, 1] (mean/std are applied inside the network).
+        """RGB uint8 [H, W, 3] -> float32 [3, crop, width] (the model input) in [0, 1] (mean/std are applied inside the network).
 
         The same arithmetic, in the same order, as the graph's ``frames`` input
         (``model.frames.FrameInput``): cast, resize the height (rows, in the frame's own layout),
@@ -172,16 +199,17 @@ class Preprocessing:
         x = axis_w.apply_last(x.transpose(2, 0, 1)) * np.float32(1.0 / 255.0)  # [3, h, w]
         if self.mode != "letterbox":
             return np.ascontiguousarray(x)
-        canvas = np.zeros((3, self.crop, self.crop), dtype=np.float32)
+        out_w, out_h = self.input_size
+        canvas = np.zeros((3, out_h, out_w), dtype=np.float32)
         canvas[:, top : top + x.shape[1], left : left + x.shape[2]] = x
         return canvas
 
     def image_array(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image -> float32 [3, crop, crop] in [0, 1] (see :meth:`pixels_array`)."""
+        """RGB PIL image -> float32 [3, crop, width] in [0, 1] (see :meth:`pixels_array`)."""
         return self.pixels_array(np.asarray(to_rgb(image), dtype=np.uint8))
 
     def mask_array(self, mask: Image.Image, image_size: tuple[int, int] | None = None) -> np.ndarray:
-        """Mask PIL image -> bool [crop, crop] with the image's geometry (nearest neighbour, > 127).
+        """Mask PIL image -> bool [crop, width] (the model input) with the image's geometry (nearest neighbour, > 127).
 
         ``image_size`` (width, height) is the size of the image the mask belongs to: a mask of another
         size but the same aspect ratio (a mask saved at another resolution) is first scaled to it;
@@ -263,7 +291,7 @@ def load_mask(path: str | Path) -> Image.Image:
 
 
 def load_batch(paths: Sequence[Path], prep: Preprocessing) -> np.ndarray:
-    """Decode and preprocess a batch of images into float32 [B, 3, crop, crop] in [0, 1]."""
+    """Decode and preprocess a batch of images into float32 [B, 3, crop, width] in [0, 1]."""
     return np.stack([prep.image_array(load_image(p)) for p in paths])
 
 

@@ -83,7 +83,7 @@ def load_test_images(manifest: dict, data: str | Path | None, limit: int | None 
 
 
 def run_all(runtime, images: TestImages, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Predict every test image in batches: (maps [N, S, S], scores [N])."""
+    """Predict every test image in batches: (maps [N, H, W], scores [N])."""
     from ..runtime import predict_paths
 
     pred = predict_paths(runtime, images.paths, batch_size=batch_size)
@@ -221,7 +221,8 @@ def bench(
         "bundle_dir": str(bundle_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "device": device,
         "model": {"backbone": manifest["backbone"]["name"], "prototypes": manifest["prototypes"]["count"],
-                  "crop": manifest["preprocessing"]["crop"]},
+                  "crop": manifest["preprocessing"]["crop"],
+                  "width": manifest["preprocessing"].get("width", manifest["preprocessing"]["crop"])},
         "data": {"source": images.source, "images": len(images.paths),
                  "defective": None if images.test is None else int(images.test.labels.sum())},
         "reference": {"backend": "torch", "precision": "fp32", "image_auroc": ref_aurocs[0], "pixel_auroc": ref_aurocs[1]},

@@ -144,7 +144,7 @@ def evaluate_bundle(
 
 def _evaluate_runtime(runtime, test: TestSet, *, backend: str, batch_size: int,
                       progress: bool) -> tuple[dict, np.ndarray, np.ndarray]:
-    """The engine's report entry (metrics, speed, prototypes), maps [N, S, S] and scores [N] on
+    """The engine's report entry (metrics, speed, prototypes), maps [N, H, W] and scores [N] on
     the test set."""
     from ..runtime import predict_paths
 

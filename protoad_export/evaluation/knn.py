@@ -56,7 +56,8 @@ class KnnBaseline(Runtime):
         self.frames = getattr(net, "frames", None)  # a frames bundle: the graph's own frame input
         protoad = getattr(net, "network", net)
         self.extractor = FeatureExtractor(protoad.patch_features, self.preprocessing).to(self.device).eval()
-        self.tail = ScoreTail(self.preprocessing.crop).to(self.device)
+        width, height = self.preprocessing.input_size
+        self.tail = ScoreTail(height, width).to(self.device)
         if self.frames is not None:
             self.frames = self.frames.to(self.device)
         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Torch-free (numpy, onnx). Every name, dimension and data type comes from the ONNX graph itself,
 checked against the manifest's ``input``/``outputs`` entries, so the layouts follow whichever
-graph input the bundle was built with (the float ``image`` tensor [B, 3, S, S] or uint8
+graph input the bundle was built with (the float ``image`` tensor [B, 3, H, W] or uint8
 ``frames`` [B, H, W, C]). Nothing here starts a server: the Triton config is plain protobuf text
 (the tests parse it into Triton's own ``ModelConfig``), the nvinfer file a GKeyFile.
 """
@@ -372,7 +372,7 @@ def deepstream_config_text(*, manifest: dict, inputs: list[TensorSpec], outputs:
             "scaling-filter=1",
         ]
         if mode == "letterbox":
-            lines += ["# letterbox: scale the longer side, pad both sides with black, as the bundle was built.",
+            lines += ["# letterbox: fit the frame inside the network size, pad both sides with black, as the bundle was built.",
                       "maintain-aspect-ratio=1", "symmetric-padding=1"]
         elif mode == "crop":
             ratio = int(prep["crop"]) / int(prep["resize"])
@@ -399,7 +399,7 @@ def deepstream_config_text(*, manifest: dict, inputs: list[TensorSpec], outputs:
     else:
         raise ArtifactError(
             f"graph input {spec.name!r} ({spec.onnx_type.lower()} {list(spec.shape)}) is neither a float image "
-            "[B, C, S, S] nor uint8 frames [B, H, W, C]: no nvinfer config fits it"
+            "[B, C, H, W] nor uint8 frames [B, H, W, C]: no nvinfer config fits it"
         )
     return "\n".join(lines) + "\n"
 

@@ -40,19 +40,20 @@ class PatchFeatures(nn.Module):
     """Normalised RGB -> [B, C1+C2+C3, H/4, W/4] patch features (not yet L2-normalised).
 
     ``align``: ``bilinear`` (the paper's text) or ``nearest`` (the authors' released code).
+    ``grid``: the stage-1 grid (rows, columns), or its side when square.
     """
 
-    def __init__(self, backbone: nn.Module, align: str, grid: int) -> None:
+    def __init__(self, backbone: nn.Module, align: str, grid: int | tuple[int, int]) -> None:
         super().__init__()
         if align not in ALIGN_MODES:
             raise InputError(f"unknown align mode {align!r}: choose one of {', '.join(ALIGN_MODES)}")
         self.backbone = backbone
         self.align = align
-        self.grid = grid
+        self.grid = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.backbone(x)
-        size = (self.grid, self.grid)
+        size = self.grid
         aligned = [maps[0]]
         for m in maps[1:]:
             if self.align == "nearest":
@@ -146,7 +147,8 @@ def extract_features(
         raise InputError("no images to extract features from")
     device = torch.device(device)
     extractor = extractor.to(device).eval()
-    probe = extractor(torch.zeros(1, 3, prep.crop, prep.crop, device=device))
+    width, height = prep.input_size
+    probe = extractor(torch.zeros(1, 3, height, width, device=device))
     _, dim, h, w = probe.shape
     shape = (len(paths) * h * w, dim)
     handle = open(out_path, "wb")

@@ -1,4 +1,4 @@
-"""The graph's camera input: uint8 frames [B, H, W, C] -> the network's float32 [B, 3, S, S] in [0, 1].
+"""The graph's camera input: uint8 frames [B, H, W, C] -> the network's float32 [B, 3, H, W] in [0, 1].
 
 The same arithmetic as the Python path (``Preprocessing.pixels_array``), on the same tables
 (``data.resample``): cast, resize the height (whole rows of the frame, in its own NHWC layout),
@@ -50,7 +50,8 @@ class _Axis(nn.Module):
 
 
 class FrameInput(nn.Module):
-    """uint8 frames [B, height, width, C] (C = 3 for ``rgb``/``bgr``, 1 for ``gray``) -> float32 [B, 3, S, S]."""
+    """uint8 frames [B, height, width, C] (C = 3 for ``rgb``/``bgr``, 1 for ``gray``) -> float32 [B, 3, H, W]
+    (the preprocessing's input size)."""
 
     def __init__(self, prep: Preprocessing, width: int, height: int, channel_order: str = "rgb") -> None:
         super().__init__()
@@ -61,10 +62,10 @@ class FrameInput(nn.Module):
         self.channels = 1 if channel_order == "gray" else 3
         self.resize_w, self.resize_h = _Axis(axis_w), _Axis(axis_h)
         self.register_buffer("bgr", torch.tensor([2, 1, 0]))  # a Gather: every backend has it
-        size = prep.crop
+        out_w, out_h = prep.input_size
         self.pad = None
         if prep.mode == "letterbox":
-            self.pad = (left, size - left - axis_w.n_out, top, size - top - axis_h.n_out)
+            self.pad = (left, out_w - left - axis_w.n_out, top, out_h - top - axis_h.n_out)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = self.resize_h.rows(frames.to(torch.float32))  # [B, h, W, C]

@@ -86,22 +86,25 @@ class GaussianBlur(nn.Module):
 
 
 class ScoreTail(nn.Module):
-    """Patch scores [B, 1, h, w] -> (anomaly_map [B, 1, S, S], score [B]): bilinear upsampling to the
-    input size, the Gaussian blur, the map's maximum. Shared by the network and the kNN baseline."""
+    """Patch scores [B, 1, h, w] -> (anomaly_map [B, 1, H, W], score [B]): bilinear upsampling to the
+    input size, the Gaussian blur, the map's maximum. Shared by the network and the kNN baseline.
+    ``width`` None: square (``height`` x ``height``)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, height: int, width: int | None = None) -> None:
         super().__init__()
-        self.size = size
-        self.blur = GaussianBlur(size, size)
+        self.size = height
+        self.width = height if width is None else width
+        self.blur = GaussianBlur(height, self.width)
 
     def forward(self, patch_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        upsampled = F.interpolate(patch_scores, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        upsampled = F.interpolate(patch_scores, size=(self.size, self.width), mode="bilinear", align_corners=False)
         anomaly_map = self.blur(upsampled)
         return anomaly_map, torch.amax(anomaly_map, dim=(1, 2, 3))
 
 
 class ProtoADNetwork(nn.Module):
-    """ProtoAD end to end: images [B, 3, S, S] in [0, 1] -> (anomaly_map [B, 1, S, S], score [B])."""
+    """ProtoAD end to end: images [B, 3, H, W] in [0, 1] -> (anomaly_map [B, 1, H, W], score [B]);
+    H x W is the preprocessing's input size (``size`` is H, ``width`` is W)."""
 
     def __init__(
         self,
@@ -130,8 +133,8 @@ class ProtoADNetwork(nn.Module):
             self.register_buffer(f"prototype_kernels_{i}", part.reshape(len(part), c, 1, 1).to(self.compute_dtype))
             self.register_buffer(f"prototype_bias_{i}", torch.full((len(part),), -1.0, dtype=self.compute_dtype))
         self.k = k
-        self.size = prep.crop
-        self.tail = ScoreTail(prep.crop)
+        self.width, self.size = prep.input_size
+        self.tail = ScoreTail(self.size, self.width)
 
     @property
     def n_prototypes(self) -> int:
@@ -156,3 +159,9 @@ class ProtoADNetwork(nn.Module):
 def patch_grid(crop: int, stride: int = 4) -> int:
     """Side of the stage-1 feature grid for a square crop."""
     return math.ceil(crop / stride)
+
+
+def patch_grid_hw(prep: Preprocessing, stride: int = 4) -> tuple[int, int]:
+    """(rows, columns) of the stage-1 feature grid for the preprocessing's input size."""
+    width, height = prep.input_size
+    return patch_grid(height, stride), patch_grid(width, stride)

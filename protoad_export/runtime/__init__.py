@@ -1,7 +1,7 @@
 """Run a bundle: ``load(bundle_dir, backend)`` -> ``predict(inputs)`` / ``infer(inputs)``.
 
 Every backend takes the bundle's input contract (``contract.InputContract``: uint8 camera frames,
-or float32 preprocessed tensors) and returns ``(anomaly_maps [B, S, S], scores [B])`` as float32
+or float32 preprocessed tensors) and returns ``(anomaly_maps [B, H, W], scores [B])`` as float32
 numpy; ``infer`` adds the decisions at the calibrated threshold. One backend per module:
 ``pytorch`` (the FP32 reference; needs torch and the backbone weights), ``onnxruntime`` and
 ``tensorrt`` (neither imports torch at load time).
@@ -146,6 +146,6 @@ def predict_paths(runtime: Runtime, paths: Sequence[Path], batch_size: int = 8, 
                 scores.append(s)
             bar.update(len(chunk))
     if not maps:
-        size = runtime.contract.size
-        return Predictions([], np.zeros((0, size, size), np.float32), np.zeros(0, np.float32), errors, seconds)
+        width, height = runtime.contract.model_input
+        return Predictions([], np.zeros((0, height, width), np.float32), np.zeros(0, np.float32), errors, seconds)
     return Predictions(kept, np.concatenate(maps), np.concatenate(scores), errors, seconds)

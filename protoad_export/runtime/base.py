@@ -1,6 +1,6 @@
 """What every backend shares: the input contract, the decision rule and the result type.
 
-A backend implements ``_run(inputs) -> (maps [B, S, S], scores [B])`` on inputs already checked
+A backend implements ``_run(inputs) -> (maps [B, H, W], scores [B])`` on inputs already checked
 against the bundle's :class:`~protoad_export.contract.InputContract`; callers use :meth:`Runtime.predict`
 or :meth:`Runtime.infer`.
 """
@@ -18,7 +18,7 @@ from ..errors import InputError
 
 @dataclass
 class Inference:
-    """One batch's outputs: maps float32 [B, S, S], scores float32 [B], decisions bool [B] (True =
+    """One batch's outputs: maps float32 [B, H, W], scores float32 [B], decisions bool [B] (True =
     defective, ``score > threshold``; None while the bundle has no calibrated threshold)."""
 
     maps: np.ndarray
@@ -44,7 +44,7 @@ class Runtime:
 
     def predict(self, inputs) -> tuple[np.ndarray, np.ndarray]:
         """A batch in the bundle's input contract, or PIL images (turned upright by their EXIF tag and
-        preprocessed as files are) -> (anomaly maps float32 [B, S, S], scores float32 [B])."""
+        preprocessed as files are) -> (anomaly maps float32 [B, H, W], scores float32 [B])."""
         return self._run(self.contract.check(self._from_pictures(inputs)))
 
     def _from_pictures(self, inputs):

@@ -62,8 +62,10 @@ class OnnxRuntime(Runtime):
         graph_input = self.session.get_inputs()[0]
         if graph_input.name != self.contract.name or list(graph_input.shape[1:]) != list(self.contract.shape()[1:]):
             if self.contract.kind == "tensor" and graph_input.name == self.contract.name:
-                what = (f"preprocessing.crop {self.contract.size} does not match {path.name}'s input "
-                        f"{graph_input.shape[2]}x{graph_input.shape[3]}")
+                width, height = self.contract.model_input
+                fields = (f"preprocessing.crop {height}" if self.contract.model_width is None
+                          else f"preprocessing.crop {height} and width {width}")
+                what = f"{fields} does not match {path.name}'s input {graph_input.shape[2]}x{graph_input.shape[3]}"
             else:
                 what = f"its input ({self.contract.describe()}) does not match {path.name}'s {graph_input.name} {graph_input.shape}"
             raise ArtifactError(f"{Path(bundle_dir) / 'manifest.json'}: {what}: the manifest was edited or is damaged; "

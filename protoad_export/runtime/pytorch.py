@@ -24,7 +24,7 @@ def build_torch_network(bundle_dir: str | Path, manifest: dict, precision: str =
     from ..options import RANDOM_WEIGHTS
     from ..model.features import PatchFeatures
     from ..model.frames import FrameInput, FrameNetwork
-    from ..model.network import ProtoADNetwork, patch_grid
+    from ..model.network import ProtoADNetwork, patch_grid_hw
 
     info = manifest["backbone"]
     weights = info["weights"]
@@ -35,7 +35,7 @@ def build_torch_network(bundle_dir: str | Path, manifest: dict, precision: str =
         raise InputError(f"backbone weights {weights} differ from those the bundle was built with (sha256)")
     prep = Preprocessing.from_manifest(manifest)
     protos = load_array(bundle_dir, manifest, manifest["prototypes"]["file"])
-    grid = patch_grid(prep.crop, backbone.spec.strides[0])
+    grid = patch_grid_hw(prep, backbone.spec.strides[0])
     chunk = manifest["prototypes"]["chunk"]
     network = ProtoADNetwork(PatchFeatures(backbone.module, manifest["align"], grid), protos, prep, precision, chunk=chunk)
     contract = InputContract.from_manifest(manifest)
@@ -97,10 +97,12 @@ class TorchRuntime(Runtime):
             return
         t = self.torch
         in_dtype = t.uint8 if self.contract.kind == "frames" else t.float32
-        shape, size = self.contract.shape(batch), self.contract.size
+        from ..contract import output_shapes
+
+        shape = self.contract.shape(batch)
         self._host_in = t.empty(shape, dtype=in_dtype).pin_memory()
         self._dev_in = t.empty(shape, dtype=in_dtype, device=self.device)
-        self._host_maps = t.empty((batch, 1, size, size), dtype=t.float32).pin_memory()
+        self._host_maps = t.empty(output_shapes(self.contract, batch)["anomaly_map"], dtype=t.float32).pin_memory()
         self._host_scores = t.empty((batch,), dtype=t.float32).pin_memory()
         self._batch = batch
 
