@@ -14,6 +14,7 @@ exported network, flat and two-stage (``--speed-tops``).
 
     flock /tmp/protoad-cpu.lock python benchmarks/two_stage.py --data ../shared/data/magnetic_tile \\
         --out benchmarks/results/two_stage.json --cache /tmp/two_stage_cache
+    python benchmarks/two_stage.py --table benchmarks/results/two_stage.json   # Markdown of a finished run
 """
 
 from __future__ import annotations
@@ -67,15 +68,17 @@ def features_and_levels(data: Path, cache: Path, pf: PatchFeatures, prep: Prepro
     return x, levels, timing
 
 
-def flat_search(unit: torch.Tensor, fine: torch.Tensor, tile: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """[P, C] unit features -> (max cos - 1, argmax) over all fine prototypes, in tiles."""
+def flat_search(unit: torch.Tensor, fine: torch.Tensor, rows: int = 4096, tile: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """[P, C] unit features -> (max cos - 1, argmax) over all fine prototypes, in [rows, tile] blocks."""
     best = torch.full((len(unit),), -2.0)
     arg = torch.zeros(len(unit), dtype=torch.int64)
-    for s in range(0, len(fine), tile):
-        v, j = (unit @ fine[s : s + tile].T).max(dim=1)
-        better = v > best
-        best = torch.where(better, v, best)
-        arg = torch.where(better, j + s, arg)
+    for r in range(0, len(unit), rows):
+        u = unit[r : r + rows]
+        for s in range(0, len(fine), tile):
+            v, j = (u @ fine[s : s + tile].T).max(dim=1)
+            better = v > best[r : r + rows]
+            best[r : r + rows] = torch.where(better, v, best[r : r + rows])
+            arg[r : r + rows] = torch.where(better, j + s, arg[r : r + rows])
     return best - 1.0, arg
 
 
@@ -91,8 +94,9 @@ def two_stage_scores(search: TwoStageSearch, unit: torch.Tensor, flat_best: torc
             cand = search.candidates(x)[0]
             hit = (cand == parent[flat_arg[s : s + rows], None]).any(dim=1)
             miss = torch.nonzero(~hit).flatten() + s
-            if len(miss):
-                out[miss] = search(unit[miss][:, :, None, None]).reshape(-1)
+            for b in range(0, len(miss), 512):  # [512, 1, top * M, C + 1] gathered per step
+                part = miss[b : b + 512]
+                out[part] = search(unit[part][:, :, None, None]).reshape(-1)
     return out
 
 
@@ -235,5 +239,26 @@ def _result(args, rows, sizes, f, timing, n_eval, t_start) -> dict:
             "seconds": round(time.perf_counter() - t_start, 1), "rows": rows}
 
 
+def table(result: dict) -> str:
+    """Markdown of a finished run's rows."""
+    head = ["search", "coarse level (clusters)", "coarse after cap", "M", "top", "rows per patch", "GFLOP/image",
+            "missed patches %", "image AUROC %", "pixel AUROC %", "ORT FP32 images/s", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        two = r["search"] == "two-stage"
+        cells = [f"flat, {r['fine']:,} prototypes" if not two else "two-stage",
+                 f"{r['coarse_level']} ({r['coarse_level_clusters']:,}; largest {r['largest_cluster']})" if two else "",
+                 f"{r['coarse']:,}" if two else "", str(r["max_children"]) if two else "", str(r["top"]) if two else "",
+                 str(r["gathered_rows"]) if two else f"{r['fine']:,}", f"{r['flops_per_image'] / 1e9:.1f}",
+                 f"{100 * r['missed_patch_share']:.3f}" if two else "0", f"{100 * r['image_auroc']:.2f}",
+                 f"{100 * r['pixel_auroc']:.2f}", f"{r['images_per_second']:.2f}" if "images_per_second" in r else "-",
+                 f"{r['speedup']:.2f}x" if "speedup" in r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+    else:
+        main()
