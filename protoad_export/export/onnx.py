@@ -24,14 +24,16 @@ MAX_EXPORT_BATCH = 1024
 METADATA_PREFIX = "protoad."
 
 # Ops the network may contain, all supported by the TensorRT 10/11 ONNX parser. No Col2Im, no
-# antialiased Resize, no ops with runtime-computed axes.
+# antialiased Resize, no ops with runtime-computed axes. TopK and GatherElements: the two-stage
+# prototype search (model/search.py; TensorRT's TopK takes K <= 3840, a constant).
 TENSORRT_OPS = frozenset({
-    "Add", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Expand", "Gather", "HardSigmoid", "HardSwish",
-    "MatMul", "Max", "MaxPool", "Mul", "Neg", "Pad", "Reciprocal", "ReduceMax", "ReduceSum", "Relu", "Reshape",
-    "Resize", "Shape", "Sigmoid", "Slice", "Sqrt", "Sub", "Transpose", "Unsqueeze",
+    "Add", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Expand", "Gather", "GatherElements", "HardSigmoid",
+    "HardSwish", "MatMul", "Max", "MaxPool", "Mul", "Neg", "Pad", "Reciprocal", "ReduceMax", "ReduceSum", "Relu",
+    "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Sqrt", "Sub", "TopK", "Transpose", "Unsqueeze",
 })
-# Ops whose "axes" must be compile-time constants (initializers or Constant nodes) for TensorRT.
-_AXES_INPUT = {"ReduceMax": 1, "ReduceSum": 1, "Unsqueeze": 1, "Slice": 3}
+# Inputs that must be compile-time constants (initializers or Constant nodes) for TensorRT: the
+# axes of reductions, Unsqueeze and Slice, and TopK's K.
+_AXES_INPUT = {"ReduceMax": 1, "ReduceSum": 1, "Unsqueeze": 1, "Slice": 3, "TopK": 1}
 
 
 @contextlib.contextmanager
@@ -148,7 +150,8 @@ def inspect_graph(model: onnx.ModelProto) -> GraphReport:
         if node.op_type in _AXES_INPUT and len(node.input) > _AXES_INPUT[node.op_type]:
             axes = node.input[_AXES_INPUT[node.op_type]]
             if axes and axes not in constants:
-                problems.append(f"{node.op_type} {node.name} takes runtime-computed axes ({axes})")
+                what = "K" if node.op_type == "TopK" else "axes"
+                problems.append(f"{node.op_type} {node.name} takes a runtime-computed {what} ({axes})")
         if node.op_type == "Resize":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("antialias", 0):

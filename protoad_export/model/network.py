@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .features import Normalize, PatchFeatures, l2_normalize
+from .search import TwoStage, TwoStageSearch
 from ..data.images import Preprocessing
 
 from ..options import PRECISIONS, PROTOTYPE_CHUNK
@@ -113,7 +114,11 @@ class ProtoADNetwork(nn.Module):
         prep: Preprocessing,
         precision: str = "fp32",
         chunk: int = PROTOTYPE_CHUNK,
+        *,
+        two_stage: TwoStage | None = None,
     ) -> None:
+        """``two_stage``: search ``prototypes`` (the fine level) through a coarse level instead of
+        the flat conv over all of them (``search.py``); the flat conv is exact, the default."""
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
@@ -125,9 +130,13 @@ class ProtoADNetwork(nn.Module):
         self.patch_features = patch_features.to(self.compute_dtype)
         protos = torch.as_tensor(np.asarray(prototypes, dtype=np.float32))
         k, c = protos.shape
+        self.search = None
+        if two_stage is not None:
+            self.search = TwoStageSearch(protos, two_stage.parent, two_stage.coarse, top=two_stage.top,
+                                         dtype=self.compute_dtype)
         # One buffer per chunk, so every conv's weights are an initializer in the graph (a slice
         # of one large buffer would be a runtime Slice, and TensorRT wants constant conv weights).
-        self.chunks = math.ceil(k / chunk)
+        self.chunks = 0 if self.search is not None else math.ceil(k / chunk)
         for i in range(self.chunks):
             part = protos[i * chunk : (i + 1) * chunk]
             self.register_buffer(f"prototype_kernels_{i}", part.reshape(len(part), c, 1, 1).to(self.compute_dtype))
@@ -144,7 +153,7 @@ class ProtoADNetwork(nn.Module):
         x = self.normalize(images.float()).to(self.compute_dtype)
         feats = self.patch_features(x)
         unit = l2_normalize(feats.float()).to(self.compute_dtype)
-        nearest = None
+        nearest = self.search(unit) if self.search is not None else None
         for i in range(self.chunks):
             shifted = F.conv2d(unit, getattr(self, f"prototype_kernels_{i}"), getattr(self, f"prototype_bias_{i}"))  # cos - 1
             # torch.max, not torch.amax: the exporter wraps amax of FP16 in Cast(FLOAT) -> ReduceMax
