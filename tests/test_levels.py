@@ -33,7 +33,8 @@ def test_keeps_the_level_that_still_separates_the_kinds_of_normal_patch():
     fine = _unit(np.repeat(kinds, 4, axis=0) + 0.02 * rng.standard_normal((80, 32)))
     merged = _unit(kinds[0::2] + kinds[1::2])
     holdout = _draw(rng, fine, 4000, 0.1)  # unseen patches around the finest prototypes
-    rows = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=1000, margin=0.10)
+    # floor=2: no paper's-rule floor at these sizes (it keeps levels at or finer than the first under it).
+    rows = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=1000, margin=0.10, floor=2)
     assert [r.prototypes for r in rows] == [80, 20, 10]
     assert rows[0].excess == 0.0
     assert 0 < rows[1].excess <= 0.10 < rows[2].excess
@@ -44,13 +45,17 @@ def test_keeps_the_level_that_still_separates_the_kinds_of_normal_patch():
 
     # The cap is a hard speed budget: with level 1 at the cap, no qualifying level is left and the
     # finest under the cap is kept.
-    capped = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=20, margin=0.10)
+    capped = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=20, margin=0.10, floor=2)
     assert chosen_level(capped).level == 2
     assert not capped[1].under_cap and capped[0].excess == 0.0  # level 0 is still the reference
 
     # A wider margin takes the coarser level, a zero margin the finest.
-    assert chosen_level(level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), margin=10.0)).level == 2
-    assert chosen_level(level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), margin=0.0)).level == 0
+    levels = [fine, kinds, merged]
+    assert chosen_level(level_table(levels, holdout, normalize=True, grid=(8, 8), margin=10.0, floor=2)).level == 2
+    assert chosen_level(level_table(levels, holdout, normalize=True, grid=(8, 8), margin=0.0, floor=2)).level == 0
+    # The paper's rule is the floor: never a level coarser than the first under it, however small its excess.
+    assert chosen_level(level_table(levels, holdout, normalize=True, grid=(8, 8), margin=10.0, floor=50)).level == 1
+    assert chosen_level(level_table(levels, holdout, normalize=True, grid=(8, 8), margin=10.0, floor=100)).level == 0
 
 
 def test_auto_on_finch_stops_before_merging_distinct_kinds():
@@ -58,7 +63,7 @@ def test_auto_on_finch_stops_before_merging_distinct_kinds():
     kinds = _groups(rng, 24, 24)
     train = _draw(rng, kinds, 6000, 0.05)
     holdout = _draw(rng, kinds, 2000, 0.05)
-    fit = fit_prototypes(train, "auto", normalize=True, method="exact", holdout_patches=holdout, grid=(4, 4))
+    fit = fit_prototypes(train, "auto", normalize=True, method="exact", holdout_patches=holdout, grid=(4, 4), floor=2)
     kept = chosen_level(fit.levels)
     sizes = [r.prototypes for r in fit.levels]
     assert sizes == fit.finch.partition_sizes

@@ -381,10 +381,12 @@ def _cluster(extracted, plan: _Plan, config: BuildConfig, staging: Path, workdir
     selection = {"rule": "first partition under max_prototypes" if rule != AUTO else AUTO, "max_prototypes": rule}
     if fit.levels is not None:
         log(f"      FINCH levels (distance: mean 1 - cos of held-out patches; excess over level 0; kept: the coarsest "
-            f"within {AUTO_MARGIN:.0%} under {config.prototype_cap:,} prototypes):")
+            f"within {AUTO_MARGIN:.0%}, under {config.prototype_cap:,} prototypes, no coarser than the paper's rule's "
+            f"(< {PAPER_MAX_PROTOTYPES:,})):")
         for line in format_table(fit.levels):
             log("        " + line)
-        selection.update(margin=AUTO_MARGIN, cap=config.prototype_cap, holdout_patches=int(len(holdout_patches)),
+        selection.update(margin=AUTO_MARGIN, cap=config.prototype_cap, floor=PAPER_MAX_PROTOTYPES,
+                         holdout_patches=int(len(holdout_patches)),
                          levels=[level.to_dict() for level in fit.levels])
     log(f"      {len(fit.prototypes):,} prototypes")
     passed = near_miss(fit.finch.partition_sizes, rule) if rule != AUTO else None

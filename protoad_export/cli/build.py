@@ -49,7 +49,7 @@ class PrototypeRule(click.ParamType):
 @click.option("--max-prototypes", default=O.DEFAULT_MAX_PROTOTYPES, show_default=True, type=PrototypeRule(),
               help="N: FINCH's first partition with fewer clusters (the paper's rule, N=10000). auto: the coarsest "
                    "level whose held-out normal patches stay within "
-                   f"{O.AUTO_MARGIN:.0%} of the finest level's distance.")
+                   f"{O.AUTO_MARGIN:.0%} of the finest level's distance, never coarser than the paper's rule.")
 @click.option("--prototype-cap", default=O.AUTO_PROTOTYPE_CAP, show_default=True, type=click.IntRange(min=2),
               help="With --max-prototypes auto: keep no level with this many prototypes or more (the speed budget).")
 @click.option("--align", default=O.ALIGN_MODES[0], show_default=True, type=click.Choice(O.ALIGN_MODES),

@@ -9,8 +9,13 @@ held-out normal images (never fitted on): for level ``L``
 
 (level 0 is FINCH's finest partition, the closest stand-in for the whole memory bank), and the
 coarsest level whose excess is at most ``margin`` is kept, among the levels under the prototype
-cap (the speed budget). No defect is looked at. Where no level qualifies, the finest under the
-cap is kept and the table says so.
+cap (the speed budget) and no coarser than the paper's rule (the first partition under 10,000):
+auto keeps the paper's level, or a finer one where the hold-out shows the paper's level quantises
+unseen normal patches too coarsely. The floor matters on small sets: with a few training images
+every unseen patch is far from all of them, the excess of each coarser level is small beside
+that distance, and the excess alone would keep a hundred prototypes (benchmarks/RESULTS.md
+section 7). No defect is looked at. Where no level qualifies, the finest under the cap is kept
+and the table says so.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..options import AUTO_MARGIN, AUTO_PROTOTYPE_CAP
+from ..options import AUTO_MARGIN, AUTO_PROTOTYPE_CAP, PAPER_MAX_PROTOTYPES
 from .neighbours import nearest_similarity
 
 AUTO_SAMPLE_PATCHES = 20_000  # held-out patches the criterion is measured on (a seeded sample)
@@ -66,9 +71,11 @@ def sample_patches(features: np.ndarray, limit: int = AUTO_SAMPLE_PATCHES, seed:
 
 
 def level_table(level_means: list[np.ndarray], patches: np.ndarray, *, normalize: bool, grid: tuple[int, int],
-                cap: int = AUTO_PROTOTYPE_CAP, margin: float = AUTO_MARGIN) -> list[Level]:
+                cap: int = AUTO_PROTOTYPE_CAP, margin: float = AUTO_MARGIN,
+                floor: int = PAPER_MAX_PROTOTYPES) -> list[Level]:
     """Score ``patches`` (unit rows [P, C] of held-out normal images) against every level's
-    prototypes (``level_means``, finest first) and mark the kept level (see the module docstring).
+    prototypes (``level_means``, finest first) and mark the kept level (see the module docstring):
+    the coarsest within ``margin``, under ``cap`` and no coarser than the first level under ``floor``.
 
     Levels at or above ``cap`` prototypes are measured only when they are level 0 (the reference).
     """
@@ -95,7 +102,9 @@ def level_table(level_means: list[np.ndarray], patches: np.ndarray, *, normalize
     for row in rows:
         if np.isfinite(row.mean_distance):
             row.excess = row.mean_distance / max(reference, 1e-12) - 1.0
-    candidates = [r for r in rows if r.under_cap and r.prototypes >= 2]
+    paper = next((r.level for r in rows if r.prototypes < floor), len(rows) - 1)
+    under = [r for r in rows if r.under_cap and r.prototypes >= 2]
+    candidates = [r for r in under if r.level <= paper] or under
     if not candidates:
         raise InputError(f"every FINCH level has {cap:,} prototypes or more: raise the prototype cap")
     within = [r for r in candidates if r.excess <= margin]

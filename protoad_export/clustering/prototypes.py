@@ -39,12 +39,13 @@ def fit_prototypes(
     grid: tuple[int, int] = (1, 1),
     cap: int = AUTO_PROTOTYPE_CAP,
     margin: float = AUTO_MARGIN,
+    floor: int = PAPER_MAX_PROTOTYPES,
 ) -> PrototypeFit:
     """FINCH on ``features`` [N, C] until a partition has fewer than ``max_prototypes`` clusters, or,
     with ``max_prototypes="auto"``, the level ``clustering.levels.level_table`` keeps: the coarsest
-    under ``cap`` prototypes whose quantisation error on ``holdout_patches`` (unit rows [P, C] of
-    held-out normal images) is within ``margin`` of the finest level's; ``grid`` (h, w) only sizes
-    the table's FLOP column.
+    under ``cap`` prototypes, no coarser than the first under ``floor``, whose quantisation error
+    on ``holdout_patches`` (unit rows [P, C] of held-out normal images) is within ``margin`` of the
+    finest level's; ``grid`` (h, w) only sizes the table's FLOP column.
 
     ``normalize=False`` keeps the raw cluster means, as the authors' code does: a mean of unit
     vectors is shorter than 1, so its dot product with a test feature is a cosine scaled by the
@@ -63,7 +64,8 @@ def fit_prototypes(
         raise InputError(f"max prototypes '{AUTO}' measures the FINCH levels on held-out normal patches: none were given")
     # The whole hierarchy (its coarse levels cost little): the table needs every level under the cap.
     result = finch(features, stop_below=None, method=method, device=device, keep_levels=True, log=log)
-    rows = level_table(result.level_means, holdout_patches, normalize=normalize, grid=grid, cap=cap, margin=margin)
+    rows = level_table(result.level_means, holdout_patches, normalize=normalize, grid=grid, cap=cap, margin=margin,
+                       floor=floor)
     kept = chosen_level(rows).level
     result.labels, result.means = result.levels[kept], result.level_means[kept]
     result.levels, result.level_means = [], []  # the means of level 0 alone can be 1 GB
