@@ -47,14 +47,15 @@ def small_category(tmp_path_factory, magnetic_tile) -> Path:
 
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory, small_category) -> Path:
-    """A bundle built with the offline backbone and default options on ``small_category``'s
+    """A bundle built with the offline backbone on ``small_category``'s
     40 real training images (about a minute on 2 cores, built once per pytest run)."""
     from protoad_export.build.pipeline import BuildConfig, build
     from protoad_export.data.images import Preprocessing
 
     out = tmp_path_factory.mktemp("engines")
     # The authors' geometry (crop 224) keeps the suite fast; the crops differ in size: a tensor input.
-    config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, input="tensor", preprocessing=Preprocessing(mode="crop"))
+    config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, input="tensor", preprocessing=Preprocessing(mode="crop"),
+                         max_prototypes=10_000)  # the paper's rule: its tests check it
     result = build(small_category, "small", out, config, log=None, progress=False)
     return result.bundle_dir
 

@@ -65,6 +65,7 @@ def test_no_pickles_anywhere(small_bundle):
 
 
 def _tiny_config(**kw) -> BuildConfig:
+    kw = {"max_prototypes": 10_000, **kw}  # the paper's rule (auto: test_levels.py)
     return BuildConfig(backbone="efficientnet_lite0", batch_size=4, input="tensor", preprocessing=Preprocessing(mode="crop"), **kw)
 
 

@@ -95,7 +95,7 @@ def test_a_build_with_auto_prints_and_records_the_level_table(tmp_path):
     data = make_dataset(tmp_path / "parts", seed=3, spec=DatasetSpec(train=12, test_good=1, test_per_defect=1, width=96, height=64))
     prep = Preprocessing(resize=64, crop=64, mode="squash")
     logged: list[str] = []
-    config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, preprocessing=prep, max_prototypes="auto", holdout=0.25)
+    config = BuildConfig(backbone="efficientnet_lite0", batch_size=8, preprocessing=prep, holdout=0.25)  # auto: the default
     manifest = build(data, "auto", tmp_path / "out", config, log=logged.append, progress=False).manifest
     selection = manifest["prototypes"]["selection"]
     levels = selection["levels"]
