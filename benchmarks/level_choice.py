@@ -31,7 +31,7 @@ from protoad_export.build.pipeline import _inside_patches
 from protoad_export.bundle import read_manifest
 from protoad_export.clustering.finch import finch
 from protoad_export.clustering.levels import AUTO_SAMPLE_PATCHES, level_table, sample_patches, unit_prototypes
-from protoad_export.data.datasets import load_test_set
+from protoad_export.data.datasets import load_test_set, training_images
 from protoad_export.data.images import Preprocessing
 from protoad_export.evaluation.evaluate import score_metrics
 from protoad_export.evaluation.knn import KnnBaseline, bank_images
@@ -66,7 +66,8 @@ def run(args) -> dict:
     if selection.get("rule") != "auto":
         sys.exit(f"error: {args.bundle} was not built with --max-prototypes auto")
     fitting = bank_images(manifest)
-    held_out = [Path(manifest["train"]["data"]) / name for name in manifest["holdout"]["images"]]
+    names = set(manifest["holdout"]["images"])
+    held_out = [p for p in training_images(manifest["train"]["data"]) if p.name in names]
     prep = Preprocessing.from_manifest(manifest)
     with tempfile.TemporaryDirectory(prefix="protoad-levels-", dir=args.tmp) as tmp:
         t0 = time.perf_counter()

@@ -21,7 +21,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..errors import InputError
 from ..options import AUTO
 from .images import Preprocessing
 
@@ -39,8 +38,9 @@ def choose_geometry(prep: Preprocessing, sizes: list[tuple[int, int]]) -> tuple[
     and the manifest's record of what was chosen and why; any other ``prep`` is returned as it is."""
     if prep.mode != AUTO:
         return prep, {"requested": prep.mode}
-    if not sizes:
-        raise InputError("no readable training image to choose the input geometry from")
+    if not sizes:  # the feature extraction names the unreadable files; letterbox keeps any image whole
+        chosen = replace(prep, mode="letterbox")
+        return chosen, {"requested": AUTO, "chosen": chosen.to_dict(), "reason": "no readable image header: letterbox"}
     if prep.width is not None:  # the input size is given: auto only keeps the whole part, undistorted
         chosen = replace(prep, mode="letterbox")
         return chosen, {"requested": AUTO, "chosen": chosen.to_dict(),
