@@ -25,7 +25,7 @@ PAPER_MAX_PROTOTYPES = 10_000  # the paper's rule: the first FINCH partition bel
 # "auto": the coarsest FINCH level whose held-out quantisation error stays within AUTO_MARGIN of the
 # finest level's, among levels under AUTO_PROTOTYPE_CAP prototypes (clustering/levels.py).
 DEFAULT_MAX_PROTOTYPES: int | str = AUTO  # benchmarks/RESULTS.md sections 6, 7 and 13
-AUTO_MARGIN = 0.25  # set on the magnetic tiles (benchmarks/RESULTS.md section 13)
+AUTO_MARGIN = 0.05  # set on the magnetic tiles (benchmarks/RESULTS.md sections 7 and 13)
 AUTO_PROTOTYPE_CAP = 200_000
 NEIGHBOUR_METHODS = ("auto", "exact", "approx")
 

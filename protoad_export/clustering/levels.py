@@ -9,13 +9,13 @@ held-out normal images (never fitted on): for level ``L``
 
 (level 0 is FINCH's finest partition, the closest stand-in for the whole memory bank), and the
 coarsest level whose excess is at most ``margin`` is kept, among the levels under the prototype
-cap (the speed budget) and no coarser than the paper's rule (the first partition under 10,000):
+cap (the speed budget; where none under it qualifies, the finest under it is kept: the budget
+binds) and no coarser than the paper's rule (the first partition under 10,000):
 auto keeps the paper's level, or a finer one where the hold-out shows the paper's level quantises
 unseen normal patches too coarsely. The floor matters on small sets: with a few training images
 every unseen patch is far from all of them, the excess of each coarser level is small beside
 that distance, and the excess alone would keep a hundred prototypes (benchmarks/RESULTS.md
-section 7). No defect is looked at. Where no level qualifies, the finest under the cap is kept
-and the table says so.
+section 7). No defect is looked at.
 """
 
 from __future__ import annotations
