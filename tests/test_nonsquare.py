@@ -141,7 +141,8 @@ def test_bad_widths_are_refused(kwargs, message):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--width", "128"], "error: width 128 needs resize mode squash or letterbox: crop mode's input is the square crop x crop"),
+    (["--width", "128", "--resize-mode", "crop"],
+     "error: width 128 needs resize mode squash or letterbox: crop mode's input is the square crop x crop"),
     (["--width", "100", "--resize-mode", "squash"], "error: width must be a multiple of 16 (the stage-3 stride), got 100"),
 ])
 def test_cli_refuses_bad_widths_in_one_line(tmp_path, args, message):

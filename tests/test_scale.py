@@ -89,9 +89,13 @@ def test_near_miss_names_the_partition_passed_over_just_above_the_limit():
 def test_build_config_validates_max_train_patches():
     assert BuildConfig(backbone="efficientnet_lite0").max_train_patches is None
     assert BuildConfig(backbone="efficientnet_lite0", max_train_patches=50_000).max_train_patches == 50_000
-    for bad in (100, 1.5e5, True, "100000"):
+    for bad in (100, 1.5e5, True, "100000"):  # 100: fewer patches than the paper's rule's 10,000 prototypes
         with pytest.raises(InputError):
-            BuildConfig(backbone="efficientnet_lite0", max_train_patches=bad)
+            BuildConfig(backbone="efficientnet_lite0", max_prototypes=10_000, max_train_patches=bad)
+    # auto keeps a FINCH level of the sample, so any sample of at least two patches will do.
+    assert BuildConfig(backbone="efficientnet_lite0", max_train_patches=100).max_train_patches == 100
+    with pytest.raises(InputError):
+        BuildConfig(backbone="efficientnet_lite0", max_train_patches=1)
 
 
 def test_cli_passes_max_train_patches(monkeypatch, tmp_path):
