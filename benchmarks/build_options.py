@@ -423,7 +423,7 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_eve
     levels = {"fp32": ("fp32", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
               "fp16": ("fp16", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
               "fp16_ext": ("fp16", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)}
-    sessions = {}
+    runners = {}
     opt_info = {}
     for key, (p, level) in levels.items():
         so = ort.SessionOptions()
@@ -432,7 +432,7 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_eve
         so.graph_optimization_level = level
         opt_path = out / f"model.{key}.ort_optimized.onnx"
         so.optimized_model_filepath = str(opt_path)
-        sessions[key] = ort.InferenceSession(str(files[p]), so, providers=["CPUExecutionProvider"])
+        runners[key] = ort.InferenceSession(str(files[p]), so, providers=["CPUExecutionProvider"])
         opt = onnx.load(str(opt_path))
         orig = onnx.load(str(files[p]))
         opt_info[key] = {"ops_exported": count_ops(orig), "ops_ort_optimized": count_ops(opt),
@@ -465,18 +465,18 @@ def stage_e2e(cache: Path, cfg: str, variant: str, torch_every: int = 4, e2e_eve
     ref_m = tail(-(patch - np.float32(1.0)), ScoreTail(CROP))
     ref_s = ref_m.reshape(n, -1).max(axis=1)
     torch_idx = np.arange(0, n, torch_every)
-    maps = {f"ort_{k}": np.empty((n, CROP, CROP), dtype=np.float32) for k in sessions}
+    maps = {f"ort_{k}": np.empty((n, CROP, CROP), dtype=np.float32) for k in runners}
     scores = {k: np.empty(n, dtype=np.float32) for k in maps}
     torch_m = np.empty((len(torch_idx), CROP, CROP), dtype=np.float32)
     torch_s = np.empty(len(torch_idx), dtype=np.float32)
-    secs = {"torch_fp32": 0.0, **{f"ort_{k}": 0.0 for k in sessions}}
+    secs = {"torch_fp32": 0.0, **{f"ort_{k}": 0.0 for k in runners}}
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, n, batch):
             x = load_batch([c.path for c in samples[s : s + batch]], prep)
-            for p in sessions:
+            for p in runners:
                 t = time.perf_counter()
-                m, sc = sessions[p].run(["anomaly_map", "score"], {"image": x})
+                m, sc = runners[p].run(["anomaly_map", "score"], {"image": x})
                 secs[f"ort_{p}"] += time.perf_counter() - t
                 maps[f"ort_{p}"][s : s + len(x)] = m[:, 0]
                 scores[f"ort_{p}"][s : s + len(x)] = sc
