@@ -83,7 +83,7 @@ def run(args) -> dict:
     out_rows = []
     for row in rows:
         entry = row.to_dict()
-        if row.under_cap and row.prototypes >= 2:
+        if row.within_cap and row.prototypes >= 2:
             protos = unit_prototypes(result.level_means[row.level], manifest["prototypes"]["normalized"])
             entry.update(_score(args.bundle, manifest, args.data, args.test_limit, protos))
             print(json.dumps({k: entry[k] for k in ("level", "prototypes", "excess")}),

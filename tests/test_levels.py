@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from protoad_export.clustering.finch import finch, merge_to_count
 from protoad_export.clustering.levels import chosen_level, conv_gflops, format_table, level_table
 from protoad_export.options import AUTO_MARGIN
 from protoad_export.clustering.prototypes import fit_prototypes
@@ -43,11 +44,13 @@ def test_keeps_the_level_that_still_separates_the_kinds_of_normal_patch():
     assert sum(r.chosen for r in rows) == 1
     assert any("<- kept" in line and line.split()[1] == "20" for line in format_table(rows))
 
-    # The cap is a hard speed budget: with level 1 at the cap, no qualifying level is left and the
-    # finest under the cap is kept.
-    capped = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=20, margin=0.10, floor=2)
-    assert chosen_level(capped).level == 2
-    assert not capped[1].under_cap and capped[0].excess == 0.0  # level 0 is still the reference
+    # The cap is a hard speed budget (at most that many): with level 1 just over it, no qualifying
+    # level is left and the finest within the cap is marked (its excess over the margin says so).
+    assert chosen_level(level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=20, margin=0.10,
+                                    floor=2)).level == 1
+    capped = level_table([fine, kinds, merged], holdout, normalize=True, grid=(8, 8), cap=19, margin=0.10, floor=2)
+    assert chosen_level(capped).level == 2 and chosen_level(capped).excess > 0.10
+    assert not capped[1].within_cap and capped[0].excess == 0.0  # level 0 is still the reference
 
     # A wider margin takes the coarser level, a zero margin the finest.
     levels = [fine, kinds, merged]
@@ -117,3 +120,76 @@ def test_a_build_with_auto_prints_and_records_the_level_table(tmp_path):
     assert manifest["prototypes"]["selection"] == {"rule": "first partition under max_prototypes", "max_prototypes": 10_000}
     assert any(line.startswith("warning: no held-out images to choose the FINCH level on (built with --holdout 0)")
                for line in logged)
+
+
+def _union_find_merge(neighbours, similarity, count):
+    """The definition, one link at a time: strongest first, stop at ``count`` clusters."""
+    parent = list(range(len(neighbours)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    left = len(neighbours)
+    for i in np.argsort(-similarity, kind="stable"):
+        if left <= count:
+            break
+        a, b = root(int(i)), root(int(neighbours[i]))
+        if a != b:
+            parent[a] = b
+            left -= 1
+    return np.array([root(i) for i in range(len(neighbours))]), left
+
+
+def _same_partition(a, b):
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_merge_to_count_merges_the_strongest_first_neighbour_links_first():
+    # 0<->1 (0.9), 2<->3 (0.8), 5->4 (0.6), 4->3 (0.3): FINCH's next level is {0,1}, {2,3,4,5}.
+    nn = np.array([1, 0, 3, 2, 3, 4])
+    sim = np.array([0.9, 0.9, 0.8, 0.8, 0.3, 0.6], dtype=np.float32)
+    expected = {6: [0, 1, 2, 3, 4, 5], 5: [0, 0, 1, 2, 3, 4], 4: [0, 0, 1, 1, 2, 3], 3: [0, 0, 1, 1, 2, 2],
+                2: [0, 0, 1, 1, 1, 1]}
+    for count, labels in expected.items():
+        got, k = merge_to_count(nn, sim, count)
+        assert k == count and _same_partition(got, np.array(labels)), count
+    assert merge_to_count(nn, sim, 10)[1] == 6  # nothing to merge
+    assert merge_to_count(nn, sim, 1)[1] == 2  # the links reach no further than the next level
+
+    rng = np.random.default_rng(5)
+    n = 400
+    nn = rng.integers(n - 1, size=n)
+    nn[nn >= np.arange(n)] += 1  # never a point's own neighbour
+    sim = rng.random(n).astype(np.float32)
+    full = merge_to_count(nn, sim, 0)
+    for count in (399, 250, 120, full[1] + 1):
+        got, k = merge_to_count(nn, sim, count)
+        reference, left = _union_find_merge(nn, sim, count)
+        assert k == left == count and _same_partition(got, reference)
+        # Between the level and the next: each merged cluster lies inside one of the next level's.
+        assert len(set(zip(got.tolist(), full[0].tolist()))) == k
+
+
+def test_auto_uses_the_whole_cap_when_no_level_within_it_is_close_enough():
+    rng = np.random.default_rng(6)
+    kinds = _groups(rng, 30, 16)
+    train, holdout = _draw(rng, kinds, 3000, 0.3), _draw(rng, kinds, 500, 0.3)
+    sizes = finch(train, stop_below=None, method="exact").partition_sizes  # the whole hierarchy
+    cap = (sizes[0] + sizes[1]) // 2
+    fit = fit_prototypes(train, "auto", normalize=True, method="exact", holdout_patches=holdout, grid=(4, 4),
+                         cap=cap, margin=0.0, floor=2)
+    kept = chosen_level(fit.levels)
+    assert kept.to_cap and kept.name == "0-1" and kept.prototypes == cap == len(fit.prototypes)
+    assert [r.name for r in fit.levels][:3] == ["0", "0-1", "1"] and sum(r.chosen for r in fit.levels) == 1
+    # Between the two levels, on the unseen patches too.
+    assert fit.levels[0].mean_distance < kept.mean_distance < fit.levels[2].mean_distance
+    # The prototypes are the (re-normalised) means of the training patches under the kept labels.
+    means = np.stack([train[fit.finch.labels == c].mean(axis=0) for c in range(cap)])
+    np.testing.assert_allclose(fit.prototypes, _unit(means), atol=1e-5)
+    table = format_table(fit.levels)
+    assert any(line.split()[0] == "0-1" and "<- kept" in line and "merged to the cap" in line for line in table)
+    assert fit.levels[1].to_dict()["name"] == "0-1"

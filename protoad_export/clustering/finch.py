@@ -127,6 +127,9 @@ class FinchResult:
     # Per product family used on the CPU ("scan": the IVF, "dense": exact search): the kernel and
     # the measured rates it was chosen from (``kernels.KernelChoice.record``).
     kernels: dict = field(default_factory=dict)
+    # Per level but the last (``keep_levels``): each cluster's first neighbour among the level's
+    # clusters and their cosine, the links the next level was formed from.
+    level_links: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def n_clusters(self) -> int:
@@ -168,10 +171,12 @@ def finch(
         if count < 3:
             break
         t0 = time.perf_counter()
-        nn_idx, _, how = first_neighbours(means, method, device, kernel=kernel)
+        nn_idx, nn_sim, how = first_neighbours(means, method, device, kernel=kernel)
         merged, new_count = _components(nn_idx)
         if new_count == 1 or count - new_count <= 1:
             break
+        if keep_levels:
+            result.level_links.append((nn_idx, np.asarray(nn_sim, dtype=np.float32)))
         labels = merged[labels]
         # Size-weighted means of means are the means over the original points: no pass over the data.
         means = cluster_means(means, merged, new_count, weights=counts)
@@ -188,6 +193,46 @@ def finch(
         if log:
             log(f"FINCH level {len(result.partition_sizes) - 1}: {count:,} clusters ({how} neighbours, {result.seconds[-1]:.1f} s)")
     return result
+
+
+def merge_to_count(neighbours: np.ndarray, similarity: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """FINCH's required-cluster-count step (``req_clust`` in the authors' code) in one pass: merge a
+    level's clusters along their first-neighbour links (``neighbours`` [n], ``similarity`` [n], as
+    kept in ``FinchResult.level_links``), the most similar first, until ``count`` clusters are left.
+
+    The authors merge one closest pair at a time and search again after each merge, which costs a
+    neighbour search per merge (hundreds of thousands at the sizes here); this keeps the level's
+    own links, so the result lies between the level and the next one (each of its clusters is a
+    union of the level's clusters and part of one of the next level's). Returns the labels [n]
+    (0 .. k-1) of the level's clusters and k, which is ``count`` unless the links cannot reach it:
+    ``n`` when ``count >= n``, the next level's size when ``count`` is below it.
+    """
+    n = len(neighbours)
+    if len(similarity) != n:
+        raise InputError(f"{n} first neighbours but {len(similarity)} similarities")
+    order = np.argsort(-np.asarray(similarity, dtype=np.float64), kind="stable")  # ties: lower index first
+
+    def components(links: int) -> tuple[np.ndarray, int]:
+        keep = order[:links]
+        graph = sp.csr_matrix((np.ones(links, dtype=np.float32), (keep, neighbours[keep])), shape=(n, n))
+        found, labels = connected_components(graph, directed=True, connection="weak", return_labels=True)
+        return labels.astype(np.int64), int(found)
+
+    if count >= n:
+        return np.arange(n, dtype=np.int64), n
+    # Each added link merges at most two components, so the count falls one at a time: the fewest
+    # strongest links that leave at most ``count`` components leave exactly ``count``.
+    low, high = 0, n
+    labels, found = components(high)
+    if found >= count:
+        return labels, found
+    while high - low > 1:
+        middle = (low + high) // 2
+        if components(middle)[1] <= count:
+            high = middle
+        else:
+            low = middle
+    return components(high)
 
 
 def _record_kernel(result: FinchResult, how: str, dim: int, device, kernel: str | None) -> None:

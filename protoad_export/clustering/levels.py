@@ -8,9 +8,11 @@ held-out normal images (never fitted on): for level ``L``
     excess(L) = mean(1 - best cos to level L) / mean(1 - best cos to level 0) - 1
 
 (level 0 is FINCH's finest partition, the closest stand-in for the whole memory bank), and the
-coarsest level whose excess is at most ``margin`` is kept, among the levels under the prototype
-cap (the speed budget; where none under it qualifies, the finest under it is kept: the budget
-binds) and no coarser than the paper's rule (the first partition under 10,000):
+coarsest level whose excess is at most ``margin`` is kept, among the levels within the prototype
+cap (the speed budget) and no coarser than the paper's rule (the first partition under 10,000).
+Where no level within the cap qualifies, the budget binds and is used whole: the next finer
+level's clusters are merged along their strongest first-neighbour links down to the cap (FINCH's
+required-count step, ``finch.merge_to_count``), a partition between two levels, and kept. So
 auto keeps the paper's level, or a finer one where the hold-out shows the paper's level quantises
 unseen normal patches too coarsely. The floor matters on small sets: with a few training images
 every unseen patch is far from all of them, the excess of each coarser level is small beside
@@ -41,11 +43,17 @@ class Level:
     mean_distance: float  # mean over the sampled held-out patches of 1 - best cosine
     excess: float  # mean_distance / level 0's - 1
     conv_gflops: float  # the prototype conv per image, 2 * K * C * h * w
-    under_cap: bool
+    within_cap: bool
     chosen: bool = False
+    # Level ``level`` merged down to the cap (between it and the next level; module docstring).
+    to_cap: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.level}-{self.level + 1}" if self.to_cap else str(self.level)
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        return {"name": self.name} | {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
 def conv_gflops(prototypes: int, dim: int, grid: tuple[int, int]) -> float:
@@ -77,7 +85,9 @@ def level_table(level_means: list[np.ndarray], patches: np.ndarray, *, normalize
     prototypes (``level_means``, finest first) and mark the kept level (see the module docstring):
     the coarsest within ``margin``, under ``cap`` and no coarser than the first level under ``floor``.
 
-    Levels at or above ``cap`` prototypes are measured only when they are level 0 (the reference).
+    Levels over ``cap`` prototypes are measured only when they are level 0 (the reference). Where no
+    level qualifies, the finest within the cap is marked, and its excess is over ``margin``: the
+    caller may then add the partition at the cap (``add_cap_partition``).
     """
     if not level_means:
         raise InputError("no FINCH levels to choose from")
@@ -85,17 +95,13 @@ def level_table(level_means: list[np.ndarray], patches: np.ndarray, *, normalize
         raise InputError("no held-out patches to measure the FINCH levels on")
     if not (isinstance(margin, (int, float)) and np.isfinite(margin) and margin >= 0):
         raise InputError(f"margin must be a finite number >= 0, got {margin!r}")
-    queries = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
-    dim = queries.shape[1]
+    dim = patches.shape[1]
     rows: list[Level] = []
     for index, means in enumerate(level_means):
         k = len(means)
-        under = k < cap
-        distance = float("nan")
-        if under or index == 0:
-            best = nearest_similarity(queries, torch.from_numpy(unit_prototypes(means, normalize)))
-            distance = float((1.0 - best.double()).mean())
-        rows.append(Level(index, k, distance, float("nan"), round(conv_gflops(k, dim, grid), 3), under))
+        within = k <= cap
+        distance = _mean_distance(means, patches, normalize) if within or index == 0 else float("nan")
+        rows.append(Level(index, k, distance, float("nan"), round(conv_gflops(k, dim, grid), 3), within))
     reference = rows[0].mean_distance
     if not np.isfinite(reference):
         raise InputError("the held-out patches' distances to the finest level are not finite")
@@ -103,7 +109,7 @@ def level_table(level_means: list[np.ndarray], patches: np.ndarray, *, normalize
         if np.isfinite(row.mean_distance):
             row.excess = row.mean_distance / max(reference, 1e-12) - 1.0
     paper = next((r.level for r in rows if r.prototypes < floor), len(rows) - 1)
-    under = [r for r in rows if r.under_cap and r.prototypes >= 2]
+    under = [r for r in rows if r.within_cap and r.prototypes >= 2]
     candidates = [r for r in under if r.level <= paper] or under
     if not candidates:
         raise InputError(f"every FINCH level has {cap:,} prototypes or more: raise the prototype cap")
@@ -112,6 +118,26 @@ def level_table(level_means: list[np.ndarray], patches: np.ndarray, *, normalize
     chosen = within[-1] if within else candidates[0]
     chosen.chosen = True
     return rows
+
+
+def _mean_distance(means: np.ndarray, patches: np.ndarray, normalize: bool) -> float:
+    queries = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
+    best = nearest_similarity(queries, torch.from_numpy(unit_prototypes(means, normalize)))
+    return float((1.0 - best.double()).mean())
+
+
+def add_cap_partition(rows: list[Level], means: np.ndarray, patches: np.ndarray, *, normalize: bool,
+                      grid: tuple[int, int], level: int) -> Level:
+    """Measure the partition at the cap (``means`` [K, C]: level ``level`` merged down to the cap),
+    insert its row after that level's and keep it instead of the row marked so far. Returns the row."""
+    row = Level(level, len(means), _mean_distance(means, patches, normalize), float("nan"),
+                round(conv_gflops(len(means), patches.shape[1], grid), 3), True, to_cap=True)
+    row.excess = row.mean_distance / max(rows[0].mean_distance, 1e-12) - 1.0
+    for other in rows:
+        other.chosen = False
+    row.chosen = True
+    rows.insert(next(i for i, r in enumerate(rows) if r.level == level and not r.to_cap) + 1, row)
+    return row
 
 
 def chosen_level(rows: list[Level]) -> Level:
@@ -125,6 +151,7 @@ def format_table(rows: list[Level]) -> list[str]:
     for r in rows:
         excess = f"{100 * r.excess:7.1f}%" if np.isfinite(r.excess) else "      -"
         distance = f"{r.mean_distance:9.5f}" if np.isfinite(r.mean_distance) else "        -"
-        note = "  <- kept" if r.chosen else ("" if r.under_cap else "  (over the cap)")
-        lines.append(f"{r.level:>5} {r.prototypes:>11,} {distance} {excess} {r.conv_gflops:>15.1f}{note}")
+        note = "  <- kept" if r.chosen else ("" if r.within_cap else "  (over the cap)")
+        note += f"  (level {r.level} merged to the cap)" if r.to_cap else ""
+        lines.append(f"{r.name:>5} {r.prototypes:>11,} {distance} {excess} {r.conv_gflops:>15.1f}{note}")
     return lines

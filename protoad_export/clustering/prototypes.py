@@ -9,8 +9,8 @@ import torch
 
 from ..errors import InputError
 from ..options import AUTO, AUTO_MARGIN, AUTO_PROTOTYPE_CAP, PAPER_MAX_PROTOTYPES
-from .finch import FinchResult, finch
-from .levels import Level, chosen_level, level_table, unit_prototypes
+from .finch import FinchResult, cluster_means, finch, merge_to_count
+from .levels import Level, add_cap_partition, chosen_level, level_table, unit_prototypes
 
 # A partition this close above the limit is a near miss worth a warning: FINCH's next level is
 # typically 4-5x smaller, and fewer prototypes score worse on varied parts (RESULTS.md 6).
@@ -43,9 +43,10 @@ def fit_prototypes(
 ) -> PrototypeFit:
     """FINCH on ``features`` [N, C] until a partition has fewer than ``max_prototypes`` clusters, or,
     with ``max_prototypes="auto"``, the level ``clustering.levels.level_table`` keeps: the coarsest
-    under ``cap`` prototypes, no coarser than the first under ``floor``, whose quantisation error
-    on ``holdout_patches`` (unit rows [P, C] of held-out normal images) is within ``margin`` of the
-    finest level's; ``grid`` (h, w) only sizes the table's FLOP column.
+    with at most ``cap`` prototypes, no coarser than the first under ``floor``, whose quantisation
+    error on ``holdout_patches`` (unit rows [P, C] of held-out normal images) is within ``margin``
+    of the finest level's; where none is, the partition of ``cap`` clusters between the finest level
+    within the cap and the next finer one. ``grid`` (h, w) only sizes the table's FLOP column.
 
     ``normalize=False`` keeps the raw cluster means, as the authors' code does: a mean of unit
     vectors is shorter than 1, so its dot product with a test feature is a cosine scaled by the
@@ -66,9 +67,19 @@ def fit_prototypes(
     result = finch(features, stop_below=None, method=method, device=device, keep_levels=True, log=log)
     rows = level_table(result.level_means, holdout_patches, normalize=normalize, grid=grid, cap=cap, margin=margin,
                        floor=floor)
-    kept = chosen_level(rows).level
-    result.labels, result.means = result.levels[kept], result.level_means[kept]
-    result.levels, result.level_means = [], []  # the means of level 0 alone can be 1 GB
+    kept = chosen_level(rows)
+    result.labels, result.means = result.levels[kept.level], result.level_means[kept.level]
+    if kept.excess > margin and kept.level > 0:
+        # No level within the cap is close enough: the cap binds, so use all of it.
+        finer = kept.level - 1
+        merged, count = merge_to_count(*result.level_links[finer], cap)
+        sizes = np.bincount(result.levels[finer], minlength=len(result.level_means[finer]))
+        result.means = cluster_means(result.level_means[finer], merged, count, weights=sizes)
+        result.labels = merged[result.levels[finer]]
+        add_cap_partition(rows, result.means, holdout_patches, normalize=normalize, grid=grid, level=finer)
+        if log:
+            log(f"FINCH level {finer} merged along its strongest links to the cap: {count:,} clusters")
+    result.levels, result.level_means, result.level_links = [], [], []  # the means of level 0 alone can be 1 GB
     return PrototypeFit(unit_prototypes(result.means, normalize), result, normalize, rows)
 
 
