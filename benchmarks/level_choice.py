@@ -3,7 +3,8 @@
 Takes a bundle built with ``--max-prototypes auto`` (its backbone, geometry, fitting images and
 hold-out), repeats the build's FINCH on the same fitting images keeping every level, recomputes
 the level table on the same held-out patches, and scores the test set with each level's prototypes
-under ``--cap`` (the network's formula, ``1 - max cos`` -> upsample -> blur -> max, searched in the
+of at most ``--cap`` and, with ``--fill N``, the partition of N clusters a build's ``auto`` keeps
+where N is its cap and no level within it qualifies (the network's formula, ``1 - max cos`` -> upsample -> blur -> max, searched in the
 kNN baseline's cache-sized tiles: the ONNX graph's numbers without its similarity tensor). With
 ``--bank`` the exact kNN bank of the fitting images is scored too (slow: every patch).
 
@@ -29,8 +30,9 @@ import torch
 
 from protoad_export.build.pipeline import _inside_patches
 from protoad_export.bundle import read_manifest
-from protoad_export.clustering.finch import finch
-from protoad_export.clustering.levels import AUTO_SAMPLE_PATCHES, level_table, sample_patches, unit_prototypes
+from protoad_export.clustering.finch import cluster_means, finch, merge_to_count
+from protoad_export.clustering.levels import (AUTO_SAMPLE_PATCHES, add_cap_partition, level_table, sample_patches,
+                                             unit_prototypes)
 from protoad_export.data.datasets import load_test_set, training_images
 from protoad_export.data.images import Preprocessing
 from protoad_export.evaluation.evaluate import score_metrics
@@ -78,15 +80,27 @@ def run(args) -> dict:
         inside = np.concatenate([_inside_patches(prep, p, held.grid) for p in held.used])
         patches = sample_patches(held.array[np.flatnonzero(inside)], AUTO_SAMPLE_PATCHES)
         grid = tuple(feats.grid)
-        rows = level_table(result.level_means, patches, normalize=manifest["prototypes"]["normalized"], grid=grid,
+        normalized = manifest["prototypes"]["normalized"]
+        rows = level_table(result.level_means, patches, normalize=normalized, grid=grid,
                            cap=args.cap, margin=selection["margin"])
+        filled = {}
+        for n in args.fill:
+            # As the build does where its cap n binds: the finest level within n, the next finer merged to n.
+            finer = next(r.level for r in rows if not r.to_cap and r.prototypes <= n) - 1
+            if finer < 0:
+                continue
+            merged, k = merge_to_count(*result.level_links[finer], n)
+            sizes = np.bincount(result.levels[finer], minlength=len(result.level_means[finer]))
+            filled[k] = cluster_means(result.level_means[finer], merged, k, weights=sizes)
+            add_cap_partition(rows, filled[k], patches, normalize=normalized, grid=grid, level=finer, keep=False)
     out_rows = []
     for row in rows:
         entry = row.to_dict()
         if row.within_cap and row.prototypes >= 2:
-            protos = unit_prototypes(result.level_means[row.level], manifest["prototypes"]["normalized"])
+            means = filled[row.prototypes] if row.to_cap else result.level_means[row.level]
+            protos = unit_prototypes(means, normalized)
             entry.update(_score(args.bundle, manifest, args.data, args.test_limit, protos))
-            print(json.dumps({k: entry[k] for k in ("level", "prototypes", "excess")}),
+            print(json.dumps({k: entry[k] for k in ("name", "prototypes", "excess")}),
                   {k: round(entry["metrics"]["overall"][k], 4) for k in METRICS}, flush=True)
         out_rows.append(entry)
     bank = None
@@ -114,7 +128,7 @@ def table(run: dict) -> str:
         if "metrics" not in r:
             continue
         o = r["metrics"]["overall"]
-        lines.append(f"| {r['level']} | {r['prototypes']:,} | {100 * r['excess']:.1f} | {'yes' if r['chosen'] else ''} | "
+        lines.append(f"| {r.get('name', r['level'])} | {r['prototypes']:,} | {100 * r['excess']:.1f} | {'yes' if r['chosen'] else ''} | "
                      + " | ".join(f"{100 * o[k]:.1f}" for k in METRICS) + " | "
                      + " | ".join(f"{100 * r['metrics']['per_defect'][d]['image_auroc']:.1f}" for d in defects)
                      + f" | {r['conv_gflops']:.0f} |")
@@ -131,6 +145,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="the MVTec-style category with test/ and ground_truth/")
     parser.add_argument("--out", type=Path, help="JSON report")
     parser.add_argument("--cap", type=int, default=400_000, help="score levels under this many prototypes")
+    parser.add_argument("--fill", type=lambda s: [int(v) for v in s.split(",")], default=[],
+                        help="comma-separated caps: also score the partition of that many clusters (see above)")
     parser.add_argument("--test-limit", type=int, default=None, help="score this many test images, evenly spread (default: all)")
     parser.add_argument("--bank", action="store_true", help="also score the exact kNN bank of the fitting images")
     parser.add_argument("--tmp", default=None, help="folder for the temporary features")

@@ -23,7 +23,8 @@ DEFAULT_HOLDOUT = 0.1
 # Build: features -> prototypes
 PAPER_MAX_PROTOTYPES = 10_000  # the paper's rule: the first FINCH partition below this
 # "auto": the coarsest FINCH level whose held-out quantisation error stays within AUTO_MARGIN of the
-# finest level's, among levels under AUTO_PROTOTYPE_CAP prototypes (clustering/levels.py).
+# finest level's, among levels of at most AUTO_PROTOTYPE_CAP prototypes; where none is, the partition of
+# AUTO_PROTOTYPE_CAP clusters just finer (clustering/levels.py).
 DEFAULT_MAX_PROTOTYPES: int | str = AUTO  # benchmarks/RESULTS.md sections 6, 7 and 13
 AUTO_MARGIN = 0.05  # set on the magnetic tiles (benchmarks/RESULTS.md sections 7 and 13)
 AUTO_PROTOTYPE_CAP = 200_000

@@ -84,7 +84,7 @@ class BuildConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     max_prototypes: int | str = DEFAULT_MAX_PROTOTYPES  # an int: the paper's rule; "auto": clustering/levels.py
-    prototype_cap: int = AUTO_PROTOTYPE_CAP  # "auto" keeps levels under this many prototypes
+    prototype_cap: int = AUTO_PROTOTYPE_CAP  # "auto" keeps at most this many prototypes
     align: str = ALIGN_MODES[0]
     normalize_prototypes: bool = True  # measured better on every metric (benchmarks/RESULTS.md)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -381,8 +381,8 @@ def _cluster(extracted, plan: _Plan, config: BuildConfig, staging: Path, workdir
     selection = {"rule": "first partition under max_prototypes" if rule != AUTO else AUTO, "max_prototypes": rule}
     if fit.levels is not None:
         log(f"      FINCH levels (distance: mean 1 - cos of held-out patches; excess over level 0; kept: the coarsest "
-            f"within {AUTO_MARGIN:.0%}, under {config.prototype_cap:,} prototypes, no coarser than the paper's rule's "
-            f"(< {PAPER_MAX_PROTOTYPES:,})):")
+            f"within {AUTO_MARGIN:.0%}, at most {config.prototype_cap:,} prototypes, no coarser than the paper's rule's "
+            f"(< {PAPER_MAX_PROTOTYPES:,}); where none is, level L merged to the cap, 'L-(L+1)'):")
         for line in format_table(fit.levels):
             log("        " + line)
         selection.update(margin=AUTO_MARGIN, cap=config.prototype_cap, floor=PAPER_MAX_PROTOTYPES,

@@ -51,7 +51,8 @@ class PrototypeRule(click.ParamType):
                    "level whose held-out normal patches stay within "
                    f"{O.AUTO_MARGIN:.0%} of the finest level's distance, never coarser than the paper's rule.")
 @click.option("--prototype-cap", default=O.AUTO_PROTOTYPE_CAP, show_default=True, type=click.IntRange(min=2),
-              help="With --max-prototypes auto: keep no level with this many prototypes or more (the speed budget).")
+              help="With --max-prototypes auto: at most this many prototypes (the speed budget; where no FINCH level "
+                   "within it is close enough to the finest, a partition of exactly this many).")
 @click.option("--align", default=O.ALIGN_MODES[0], show_default=True, type=click.Choice(O.ALIGN_MODES),
               help="How stages 2-3 are resized to the stage-1 grid (paper: bilinear; authors' code: nearest).")
 @click.option("--normalize-prototypes/--raw-prototypes", default=True, show_default=True,
@@ -110,7 +111,9 @@ def build(data, name, out, backbone, weights, max_prototypes, prototype_cap, ali
     click.echo("")
     click.echo(f"bundle: {result.bundle_dir}")
     click.echo(f"  input: {result.contract.describe()}")
-    click.echo(f"  prototypes: {m['prototypes']['count']:,} (FINCH partitions {m['finch']['partition_sizes']})")
+    kept = next((row for row in m["prototypes"].get("selection", {}).get("levels", []) if row["chosen"]), None)
+    where = f"; level {kept['name']} kept" if kept else ""
+    click.echo(f"  prototypes: {m['prototypes']['count']:,} (FINCH partitions {m['finch']['partition_sizes']}{where})")
     for fname, entry in m["files"].items():
         click.echo(f"  {fname:<18} {entry['bytes'] / 2**20:8.1f} MiB  sha256 {entry['sha256'][:12]}")
     click.echo("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()) + f"; peak RSS {m['build']['peak_rss_mib']:.0f} MiB")

@@ -127,16 +127,21 @@ def _mean_distance(means: np.ndarray, patches: np.ndarray, normalize: bool) -> f
 
 
 def add_cap_partition(rows: list[Level], means: np.ndarray, patches: np.ndarray, *, normalize: bool,
-                      grid: tuple[int, int], level: int) -> Level:
+                      grid: tuple[int, int], level: int, keep: bool = True) -> Level:
     """Measure the partition at the cap (``means`` [K, C]: level ``level`` merged down to the cap),
-    insert its row after that level's and keep it instead of the row marked so far. Returns the row."""
+    insert its row after that level's and (``keep``) keep it instead of the row marked so far.
+    Returns the row."""
     row = Level(level, len(means), _mean_distance(means, patches, normalize), float("nan"),
                 round(conv_gflops(len(means), patches.shape[1], grid), 3), True, to_cap=True)
     row.excess = row.mean_distance / max(rows[0].mean_distance, 1e-12) - 1.0
-    for other in rows:
-        other.chosen = False
-    row.chosen = True
-    rows.insert(next(i for i, r in enumerate(rows) if r.level == level and not r.to_cap) + 1, row)
+    if keep:
+        for other in rows:
+            other.chosen = False
+        row.chosen = True
+    place = next(i for i, r in enumerate(rows) if r.level == level and not r.to_cap) + 1
+    while place < len(rows) and rows[place].to_cap and rows[place].prototypes > row.prototypes:
+        place += 1  # finest first
+    rows.insert(place, row)
     return row
 
 
