@@ -69,7 +69,8 @@ def choose_geometry(prep: Preprocessing, sizes: list[tuple[int, int]]) -> tuple[
         long = _round_side(short * max(elongation, 1.0))
         w, h = (long, short) if landscape >= 0.5 else (short, long)
         chosen = _non_square(prep, "letterbox", w, h) if long > short else replace(prep, mode="letterbox")
-        why = (f"{len(counts)} sizes, {'landscape' if landscape >= 0.5 else 'portrait'} (median 1:{elongation:.2f}): "
+        shape = "about square" if elongation <= SQUARE_ASPECT else "landscape" if landscape >= 0.5 else "portrait"
+        why = (f"{len(counts)} sizes, {shape} (median 1:{elongation:.2f}): "
                f"each whole image letterboxed into {w}x{h}")
     else:
         elongation = float(np.median(np.maximum(aspects, 1.0 / aspects)))
