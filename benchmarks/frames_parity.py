@@ -95,9 +95,9 @@ def cost(bundle, frames: list[tuple[int, int, str]], batch: int, repeats: int) -
         for width, height, order in frames:
             contract = InputContract("frames", prep.crop, width, height, order)
             path = export_onnx(FrameNetwork(FrameInput(prep, width, height, order), network), Path(tmp) / "f.onnx", contract)
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            inference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             f = rng.integers(0, 256, contract.shape(batch), dtype=np.uint8)
-            runs = {"frames": (session, {"frames": f}), "tensor": (tensor, {"image": x})}
+            runs = {"frames": (inference, {"frames": f}), "tensor": (tensor, {"image": x})}
             times = {k: [] for k in runs}
             for name, (sess, feed) in runs.items():
                 sess.run(None, feed)  # warm-up

@@ -65,10 +65,10 @@ def measure(bundle_dir: Path, data: Path, chunk: int, images: int, batch: int, s
         del net
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(Path(tmp) / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        session.run(["score"], {"image": batches[0]})  # warm-up (allocations, kernels)
+        inference = ort.InferenceSession(str(Path(tmp) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        inference.run(["score"], {"image": batches[0]})  # warm-up (allocations, kernels)
         t0 = time.perf_counter()
-        scores = np.concatenate([session.run(["score"], {"image": b})[0] for b in batches])
+        scores = np.concatenate([inference.run(["score"], {"image": b})[0] for b in batches])
         secs = time.perf_counter() - t0
     np.save(scores_out, scores)
     return row | {"backend": "onnxruntime cpu fp32", "convs": convs, "export_seconds": round(export_s, 1),

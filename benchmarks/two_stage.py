@@ -108,10 +108,10 @@ def onnx_speed(net: ProtoADNetwork, batches: list[np.ndarray], tmp: Path) -> dic
     export_s = time.perf_counter() - t0
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    session.run(["score"], {"image": batches[0]})  # warm-up
+    inference = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inference.run(["score"], {"image": batches[0]})  # warm-up
     t0 = time.perf_counter()
-    scores = [session.run(["score"], {"image": b})[0] for b in batches[1:]]
+    scores = [inference.run(["score"], {"image": b})[0] for b in batches[1:]]
     secs = time.perf_counter() - t0
     os.unlink(path)
     return {"images_per_second": round(len(scores) / secs, 3), "export_seconds": round(export_s, 1),

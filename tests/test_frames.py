@@ -80,7 +80,7 @@ def test_frames_graph_runs_in_onnxruntime_with_tensorrt_ops_only():
     # TensorRT takes uint8 only into a cast to float: the first consumer of the input is a Cast.
     consumers = [n for n in model.graph.node if "frames" in n.input]
     assert [n.op_type for n in consumers] == ["Cast"]
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"frames": frames})[0]
+    inference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = inference.run(None, {"frames": frames})[0]
     want = np.stack([prep.pixels_array(np.ascontiguousarray(f[..., ::-1])) for f in frames])
     np.testing.assert_allclose(got, want, atol=1e-6)

@@ -20,7 +20,7 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 class OnnxRuntime(Runtime):
-    """One ONNX Runtime session on the bundle's graph of ``precision``."""
+    """One ONNX Runtime InferenceSession on the bundle's graph of ``precision``."""
 
     backend = "onnxruntime"
 
@@ -51,15 +51,15 @@ class OnnxRuntime(Runtime):
                                          f"(available: {', '.join(available)}): use device cpu or install onnxruntime-gpu")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
-        self.providers = self.session.get_providers()
+        self.inference = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.providers = self.inference.get_providers()
         if device == "cuda" and not any(p in GPU_PROVIDERS for p in self.providers):
             # Listed but not loadable (a CUDA library missing): ONNX Runtime fell back to the CPU.
             raise MissingDependencyError(f"device cuda was asked for, but ONNX Runtime could not start a GPU execution "
                                          f"provider (running on {', '.join(self.providers)}): use device cpu or fix the CUDA install")
         self.on_gpu = False  # timed end to end: ONNX Runtime hides its transfers
         # The manifest is not under sha256: an edited geometry would reach ONNX Runtime as INVALID_ARGUMENT.
-        graph_input = self.session.get_inputs()[0]
+        graph_input = self.inference.get_inputs()[0]
         if graph_input.name != self.contract.name or list(graph_input.shape[1:]) != list(self.contract.shape()[1:]):
             if self.contract.kind == "tensor" and graph_input.name == self.contract.name:
                 width, height = self.contract.model_input
@@ -72,5 +72,5 @@ class OnnxRuntime(Runtime):
                                 "rebuild the bundle")
 
     def _run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.session.run(list(OUTPUT_NAMES), {self.contract.name: inputs})
+        maps, scores = self.inference.run(list(OUTPUT_NAMES), {self.contract.name: inputs})
         return maps[:, 0].astype(np.float32), scores.astype(np.float32)
